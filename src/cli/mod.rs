@@ -1,0 +1,3 @@
+//! Subcommands of the `reelbatch` binary that are more than argument parsing.
+
+pub mod offline;

@@ -1,0 +1,25 @@
+//! reelbatch: a financially safe batch production line for AI video generation.
+//!
+//! Map of the crate (grows issue by issue; ARCHITECTURE.md has the bird's-eye view):
+//!
+//! - `main.rs`         the `reelbatch` command line (clap): parses, dispatches, sets exit codes
+//! - `cli/offline.rs`  offline tools on a stopped server's data directory: `wal verify`,
+//!   `wal dump`
+//! - `wal` (crate)     the write-ahead log every acknowledged write goes through
+//!
+//! Data directory layout (SPEC §12): `D/wal/<20-digit first LSN>.wal` segments and
+//! `D/snapshots/<20-digit LSN>.snap` snapshots.
+
+pub mod cli;
+
+use std::path::{Path, PathBuf};
+
+/// `D/wal`: where the segments of a data directory live.
+pub fn wal_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("wal")
+}
+
+/// `D/snapshots`: where the snapshots of a data directory live.
+pub fn snapshot_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("snapshots")
+}
