@@ -5,12 +5,21 @@
 //! - `main.rs`         the `reelbatch` command line (clap): parses, dispatches, sets exit codes
 //! - `cli/offline.rs`  offline tools on a stopped server's data directory: `wal verify`,
 //!   `wal dump`
+//! - `engine/`         actors over the WAL: boot, recovery, snapshots, the actor directory
+//!   - `engine/wallet/` the only code that moves credits: state (decide/apply), ledger
+//!     hash chain, the per-tenant actor
+//!   - `engine/events.rs`, `journal.rs`, `snapshot.rs`: records, their encoding, images
+//! - `ids.rs`          prefixed sortable ids (`ten_…`, `bat_…`)
+//! - `money.rs`        checked credit arithmetic
 //! - `wal` (crate)     the write-ahead log every acknowledged write goes through
 //!
 //! Data directory layout (SPEC §12): `D/wal/<20-digit first LSN>.wal` segments and
 //! `D/snapshots/<20-digit LSN>.snap` snapshots.
 
 pub mod cli;
+pub mod engine;
+pub mod ids;
+pub mod money;
 
 use std::path::{Path, PathBuf};
 

@@ -331,6 +331,7 @@ impl Wal {
             segments: Mutex::new(segments),
             written_lsn: AtomicU64::new(written_lsn),
             durable_lsn: AtomicU64::new(written_lsn),
+            acked: tokio::sync::watch::channel((written_lsn, false)).0,
             faults: opts.faults.unwrap_or_default(),
             counters: Counters::default(),
         });
@@ -430,6 +431,29 @@ impl Wal {
     /// Highest LSN covered by a completed fdatasync.
     pub fn durable_lsn(&self) -> u64 {
         self.shared().durable_lsn.load(Ordering::Acquire)
+    }
+
+    /// Highest LSN whose append has been acknowledged (its `Durable` resolved `Ok`); every
+    /// smaller LSN is acknowledged too.
+    pub fn acked_lsn(&self) -> u64 {
+        self.shared().acked.borrow().0
+    }
+
+    /// Resolves once `lsn` is acknowledged (durable under the mode), or fails if the log is
+    /// poisoned first. For callers holding an LSN but no `Durable`: a repeated request
+    /// waiting for its original, a read that must not expose unacknowledged state.
+    pub async fn wait_acked(&self, lsn: u64) -> Result<()> {
+        let mut rx = self.shared().acked.subscribe();
+        let seen = rx
+            .wait_for(|(acked, poisoned)| *acked >= lsn || *poisoned)
+            .await
+            .map(|v| *v)
+            .map_err(|_| Error::Closed)?;
+        if seen.0 >= lsn {
+            Ok(())
+        } else {
+            Err(Error::Poisoned(self.poisoned().unwrap_or_default()))
+        }
     }
 
     /// The failure that poisoned the log, if any.

@@ -127,6 +127,10 @@ pub(crate) struct Shared {
     pub(crate) written_lsn: AtomicU64,
     /// Highest LSN covered by a completed fdatasync.
     pub(crate) durable_lsn: AtomicU64,
+    /// (highest acknowledged LSN, poisoned): published after each group's waiters are
+    /// resolved, for callers that must wait for an LSN they hold no handle for (a repeated
+    /// request waiting for its original, a read that must not show unacknowledged state).
+    pub(crate) acked: tokio::sync::watch::Sender<(u64, bool)>,
     /// Fault-injection points.
     pub(crate) faults: Arc<FaultInjector>,
     /// Metrics.
@@ -233,6 +237,7 @@ impl Shared {
         failed.append(&mut pending.waiters);
         completer.send(Completion {
             waiters: failed,
+            last_lsn: 0,
             error: Some(reason),
         });
     }
@@ -244,6 +249,8 @@ const WRITER_SPIN_BEFORE_PARK: Duration = Duration::from_micros(50);
 /// One group's waiters and its outcome, handed from the writer to the completer.
 struct Completion {
     waiters: Vec<Waiter>,
+    /// Last LSN of the group (published as acknowledged once its waiters are resolved).
+    last_lsn: u64,
     /// `None`: durable; `Some(reason)`: the log was poisoned.
     error: Option<String>,
 }
@@ -264,36 +271,47 @@ struct Completer {
     thread: Option<std::thread::JoinHandle<()>>,
     /// Groups sent and not yet fully completed by the completer thread.
     backlog: Arc<AtomicU64>,
+    /// The acknowledged-LSN watermark, for inline completions.
+    acked: tokio::sync::watch::Sender<(u64, bool)>,
 }
 
 /// Groups of at most this many waiters are completed inline when there is no backlog.
 const INLINE_COMPLETION_WAITERS_MAX: usize = 4;
 
-fn complete(c: Completion) {
+fn complete(c: Completion, acked: &tokio::sync::watch::Sender<(u64, bool)>) {
     match c.error {
         None => {
             for w in c.waiters {
                 let _ = w.send(Ok(()));
             }
+            acked.send_if_modified(|v| {
+                let advance = c.last_lsn > v.0;
+                if advance {
+                    v.0 = c.last_lsn;
+                }
+                advance
+            });
         }
         Some(reason) => {
             for w in c.waiters {
                 let _ = w.send(Err(Error::Poisoned(reason.clone())));
             }
+            acked.send_modify(|v| v.1 = true);
         }
     }
 }
 
 impl Completer {
-    fn start() -> Self {
+    fn start(acked: tokio::sync::watch::Sender<(u64, bool)>) -> Self {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Completion>(COMPLETION_QUEUE_GROUPS_MAX);
         let backlog = Arc::new(AtomicU64::new(0));
+        let acked_inline = acked.clone();
         let thread_backlog = Arc::clone(&backlog);
         let thread = std::thread::Builder::new()
             .name("wal-completer".into())
             .spawn(move || {
                 for c in rx {
-                    complete(c);
+                    complete(c, &acked);
                     thread_backlog.fetch_sub(1, Ordering::AcqRel);
                 }
             })
@@ -302,6 +320,7 @@ impl Completer {
             tx: Some(tx),
             thread,
             backlog,
+            acked: acked_inline,
         }
     }
 
@@ -315,7 +334,7 @@ impl Completer {
             }
             // Small group and nothing earlier pending, or no completer thread could be
             // spawned: complete inline (still in order).
-            _ => complete(c),
+            _ => complete(c, &self.acked),
         }
     }
 }
@@ -331,7 +350,7 @@ impl Drop for Completer {
 
 /// The writer thread's loop. Owns the active segment file.
 pub(crate) fn run_writer(shared: Arc<Shared>, mut file: File, mut path: PathBuf) {
-    let completer = Completer::start();
+    let completer = Completer::start(shared.acked.clone());
     let mut in_flight = Batch::default();
     let mut unsynced = false;
     let mut last_sync = Instant::now();
@@ -436,6 +455,7 @@ pub(crate) fn run_writer(shared: Arc<Shared>, mut file: File, mut path: PathBuf)
                 let waiters = std::mem::take(&mut in_flight.waiters);
                 completer.send(Completion {
                     waiters,
+                    last_lsn: in_flight.last_lsn,
                     error: None,
                 });
                 in_flight.clear();

@@ -1,0 +1,330 @@
+//! Wallet engine benchmark (issue 3), in one run beside a raw-WAL baseline.
+//!
+//! Run: `cargo bench --bench wallet` (env `BENCH_SECS` per measurement, default 3;
+//! `BENCH_DIR` scratch directory on the disk under test, default `target/bench-scratch`;
+//! `BENCH_IDLE_TENANTS`, default 100000).
+//!
+//! Measures, with 256 concurrent callers (tokio tasks on a 2-worker runtime):
+//! 1. the baseline: raw WAL appends (`sync`) of the wallet's mean record size;
+//! 2. durable hold+settle pairs spread over 10,000 tenants (`sync`);
+//! 3. the same on one hot tenant (`sync`);
+//! 4. the same over 10,000 tenants with durability `none` (the engine's CPU ceiling);
+//!
+//! and memory per idle tenant: resident set growth after opening N wallets with one
+//! top-up each, divided by N. Each operation (a hold, a settle) counts as one op; latency
+//! is per operation, from the call to its acknowledgement.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use reelbatch::engine::wallet::state::{GrantKind, WalletCommand};
+use reelbatch::engine::{Engine, EngineConfig};
+use reelbatch::ids::{BatchId, TenantId};
+
+const CALLERS: usize = 256;
+
+fn secs() -> Duration {
+    Duration::from_secs_f64(
+        std::env::var("BENCH_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3.0),
+    )
+}
+
+fn scratch() -> PathBuf {
+    let base = std::env::var("BENCH_DIR").unwrap_or_else(|_| "target/bench-scratch".into());
+    std::fs::create_dir_all(&base).unwrap();
+    tempfile::tempdir_in(base).unwrap().keep()
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+struct Run {
+    name: String,
+    ops: u64,
+    elapsed: f64,
+    hist: Histogram<u64>,
+    wal_bytes_per_op: f64,
+}
+
+impl Run {
+    fn print(&self) {
+        println!(
+            "{:<48} {:>10.0} ops/s  p50 {:>8.1} us  p99 {:>8.1} us  {:>6.1} WAL bytes/op",
+            self.name,
+            self.ops as f64 / self.elapsed,
+            self.hist.value_at_quantile(0.5) as f64 / 1000.0,
+            self.hist.value_at_quantile(0.99) as f64 / 1000.0,
+            self.wal_bytes_per_op
+        );
+    }
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.elapsed
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap()
+}
+
+fn wal_baseline(dir: &std::path::Path, payload_len: usize) -> Run {
+    let (wal, _) = wal::Wal::open(dir.join("baseline"), wal::Options::default()).unwrap();
+    let rt = runtime();
+    let payload = vec![0x42u8; payload_len];
+    let (ops, hist, elapsed) = rt.block_on(async {
+        let deadline = Instant::now() + secs();
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..CALLERS)
+            .map(|_| {
+                let wal = wal.clone();
+                let payload = payload.clone();
+                tokio::spawn(async move {
+                    let mut h = Histogram::<u64>::new(3).unwrap();
+                    let mut n = 0u64;
+                    while Instant::now() < deadline {
+                        let t0 = Instant::now();
+                        wal.append(&payload).unwrap().await.unwrap();
+                        h.record(t0.elapsed().as_nanos() as u64).unwrap();
+                        n += 1;
+                    }
+                    (n, h)
+                })
+            })
+            .collect();
+        let mut hist = Histogram::<u64>::new(3).unwrap();
+        let mut ops = 0;
+        for t in tasks {
+            let (n, h) = t.await.unwrap();
+            ops += n;
+            hist.add(h).unwrap();
+        }
+        (ops, hist, start.elapsed().as_secs_f64())
+    });
+    let bytes = wal.stats().bytes_written as f64 / ops.max(1) as f64;
+    Run {
+        name: format!("baseline: raw WAL appends of {payload_len} B (sync)"),
+        ops,
+        elapsed,
+        hist,
+        wal_bytes_per_op: bytes,
+    }
+}
+
+/// 256 callers doing hold+settle pairs over `tenants` tenants.
+fn hold_settle(
+    dir: &std::path::Path,
+    name: &str,
+    tenants: u128,
+    durability: wal::Durability,
+) -> Run {
+    let mut cfg = EngineConfig::new(dir.join(name.replace([' ', ','], "-")));
+    cfg.durability = durability;
+    cfg.snapshot_every_events = u64::MAX;
+    cfg.snapshot_every_ms = u64::MAX;
+    let (engine, _) = Engine::open(cfg).unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        let setup: Vec<_> = (0..CALLERS as u128)
+            .map(|c| {
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    let mut t = c;
+                    while t < tenants {
+                        let tenant = TenantId(t + 1);
+                        engine.open_wallet(tenant).await.unwrap();
+                        engine
+                            .execute(
+                                tenant,
+                                WalletCommand::Grant {
+                                    request_id: "setup".into(),
+                                    kind: GrantKind::Paid,
+                                    amount: 1 << 50,
+                                    expires_at_ms: None,
+                                },
+                            )
+                            .await
+                            .unwrap();
+                        t += CALLERS as u128;
+                    }
+                })
+            })
+            .collect();
+        for s in setup {
+            s.await.unwrap();
+        }
+    });
+    let stats_before = engine.wal().stats();
+    let (ops, hist, elapsed) = rt.block_on(async {
+        let deadline = Instant::now() + secs();
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..CALLERS)
+            .map(|c| {
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    let mut h = Histogram::<u64>::new(3).unwrap();
+                    let mut n = 0u64;
+                    let mut k = 0u128;
+                    while Instant::now() < deadline {
+                        let tenant = TenantId((c as u128 + k * CALLERS as u128) % tenants + 1);
+                        let batch = BatchId(((c as u128) << 64) | k);
+                        k += 1;
+                        let t0 = Instant::now();
+                        engine
+                            .execute(tenant, WalletCommand::Hold { batch, amount: 10 })
+                            .await
+                            .unwrap();
+                        let t1 = Instant::now();
+                        engine
+                            .execute(
+                                tenant,
+                                WalletCommand::Settle {
+                                    batch,
+                                    item: 0,
+                                    amount: 10,
+                                },
+                            )
+                            .await
+                            .unwrap();
+                        h.record((t1 - t0).as_nanos() as u64).unwrap();
+                        h.record(t1.elapsed().as_nanos() as u64).unwrap();
+                        n += 2;
+                    }
+                    (n, h)
+                })
+            })
+            .collect();
+        let mut hist = Histogram::<u64>::new(3).unwrap();
+        let mut ops = 0;
+        for t in tasks {
+            let (n, h) = t.await.unwrap();
+            ops += n;
+            hist.add(h).unwrap();
+        }
+        (ops, hist, start.elapsed().as_secs_f64())
+    });
+    let stats = engine.wal().stats();
+    let bytes = (stats.bytes_written - stats_before.bytes_written) as f64
+        / (stats.appends - stats_before.appends).max(1) as f64;
+    rt.block_on(async {
+        engine.check_invariants().await.unwrap();
+        engine.shutdown(false).await.unwrap();
+    });
+    Run {
+        name: name.to_string(),
+        ops,
+        elapsed,
+        hist,
+        wal_bytes_per_op: bytes,
+    }
+}
+
+fn idle_tenants(dir: &std::path::Path, n: u128) -> (f64, f64) {
+    let mut cfg = EngineConfig::new(dir.join("idle"));
+    cfg.durability = wal::Durability::None;
+    cfg.snapshot_every_events = u64::MAX;
+    cfg.snapshot_every_ms = u64::MAX;
+    let (engine, _) = Engine::open(cfg).unwrap();
+    let engine = Arc::new(engine);
+    let rt = runtime();
+    let before = rss_bytes();
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..CALLERS as u128)
+            .map(|c| {
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    let mut t = c;
+                    while t < n {
+                        let tenant = TenantId(t + 1);
+                        engine.open_wallet(tenant).await.unwrap();
+                        engine
+                            .execute(
+                                tenant,
+                                WalletCommand::Grant {
+                                    request_id: "welcome".into(),
+                                    kind: GrantKind::Promotional,
+                                    amount: 100,
+                                    expires_at_ms: None,
+                                },
+                            )
+                            .await
+                            .unwrap();
+                        t += CALLERS as u128;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let after = rss_bytes();
+    let per_tenant = (after.saturating_sub(before)) as f64 / n as f64;
+    let snap_start = Instant::now();
+    rt.block_on(async { engine.snapshot_now().await.unwrap() });
+    let snap_s = snap_start.elapsed().as_secs_f64();
+    rt.block_on(async { engine.shutdown(false).await.unwrap() });
+    (per_tenant, snap_s)
+}
+
+fn main() {
+    let dir = scratch();
+    println!(
+        "scratch dir: {} ({} s per measurement, {CALLERS} callers)",
+        dir.display(),
+        secs().as_secs_f64()
+    );
+    // The wallet's records for hold and settle are about this size (measured below).
+    let baseline = wal_baseline(&dir, 150);
+    baseline.print();
+    let spread = hold_settle(
+        &dir,
+        "hold+settle, 10,000 tenants, sync",
+        10_000,
+        wal::Durability::Sync,
+    );
+    spread.print();
+    let hot = hold_settle(
+        &dir,
+        "hold+settle, 1 hot tenant, sync",
+        1,
+        wal::Durability::Sync,
+    );
+    hot.print();
+    let ceiling = hold_settle(
+        &dir,
+        "hold+settle, 10,000 tenants, none",
+        10_000,
+        wal::Durability::None,
+    );
+    ceiling.print();
+    let n: u128 = std::env::var("BENCH_IDLE_TENANTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let (per_tenant, snap_s) = idle_tenants(&dir, n);
+    println!("idle tenants: {n}, resident growth {per_tenant:.0} bytes per tenant (target <= 2048); snapshot of them {snap_s:.2} s");
+    std::fs::remove_dir_all(&dir).ok();
+    println!();
+    println!(
+        "ratio spread / raw WAL baseline: {:.2}   hot / baseline: {:.2}   none / baseline: {:.2}",
+        spread.rate() / baseline.rate(),
+        hot.rate() / baseline.rate(),
+        ceiling.rate() / baseline.rate()
+    );
+    println!(
+        "targets: >= 300,000 durable ops/s across tenants (got {:.0}), >= 100,000/s hot tenant (got {:.0})",
+        spread.rate(),
+        hot.rate()
+    );
+}

@@ -1,0 +1,15 @@
+//! Every record the WAL holds: one enum, versioned by the journal header.
+
+use crate::engine::wallet::state::WalletEvent;
+use crate::ids::TenantId;
+
+/// A WAL record. New variants are added at the end; changing an existing variant's shape
+/// needs a new `RECORD_VERSION` and a reader for the old one.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum Record {
+    /// A fact about one tenant's wallet.
+    Wallet {
+        tenant: TenantId,
+        event: WalletEvent,
+    },
+}

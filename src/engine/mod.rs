@@ -1,0 +1,603 @@
+//! The engine: boots the actix System with one Arbiter per core, recovers state (newest
+//! valid snapshot + WAL replay through the same `apply`), keeps the directory of actors
+//! (tenant → `Addr`), takes periodic snapshots, and offers the async operations the HTTP
+//! layer and batch actors call.
+//!
+//! Threads: `actix-system` runs the System; each Arbiter has its own thread; wallet actors
+//! are spread over the arbiters by tenant. The engine's methods are plain futures (actix
+//! `Addr::send` and WAL handles are `Send` and runtime-agnostic), so any tokio runtime, or
+//! none, can drive them. `engine-snapshots` is a thread that snapshots by event count and by
+//! time.
+
+pub mod events;
+pub mod journal;
+pub mod snapshot;
+pub mod wallet;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use actix::{Actor, Addr};
+
+use crate::engine::events::Record;
+use crate::engine::snapshot::EngineImage;
+use crate::engine::wallet::actor::{Execute, Read, ReadAnswer, Wait, WalletActor};
+use crate::engine::wallet::ledger::LedgerEntry;
+use crate::engine::wallet::state::{
+    Balances, Statement, WalletCommand, WalletError, WalletEvent, WalletState,
+};
+use crate::ids::TenantId;
+
+/// Source of time for decisions (expiry, ledger timestamps). Tests use `ManualClock`.
+pub trait Clock: Send + Sync + 'static {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+}
+
+/// The system clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+}
+
+/// A clock that moves only when told to.
+#[derive(Default)]
+pub struct ManualClock(pub AtomicU64);
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Engine settings. Every limit has a default; `config.rs` (issue 5) maps the TOML onto it.
+#[derive(Clone)]
+pub struct EngineConfig {
+    /// Data directory: `D/wal`, `D/snapshots`.
+    pub data_dir: PathBuf,
+    /// WAL durability.
+    pub durability: wal::Durability,
+    /// WAL segment size.
+    pub segment_bytes_max: u64,
+    /// Snapshot after this many events since the last one.
+    pub snapshot_every_events: u64,
+    /// Snapshot after this long (if anything happened).
+    pub snapshot_every_ms: u64,
+    /// Largest snapshot file read at startup.
+    pub snapshot_bytes_max: u64,
+    /// Snapshots kept on disk.
+    pub snapshots_kept: usize,
+    /// Mailbox capacity of each actor (backpressure beyond it).
+    pub mailbox_capacity: usize,
+    /// Arbiters (threads) for actors; default one per core.
+    pub arbiters: usize,
+    /// Time source.
+    pub clock: Arc<dyn Clock>,
+    /// Fault injection on the WAL write path (tests, fault campaigns).
+    pub faults: Option<Arc<wal::FaultInjector>>,
+}
+
+impl EngineConfig {
+    /// Defaults for a data directory.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        EngineConfig {
+            data_dir: data_dir.into(),
+            durability: wal::Durability::Sync,
+            segment_bytes_max: 64 << 20,
+            snapshot_every_events: 1_000_000,
+            snapshot_every_ms: 5 * 60 * 1000,
+            snapshot_bytes_max: 8 << 30,
+            snapshots_kept: 2,
+            mailbox_capacity: 1024,
+            arbiters: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            clock: Arc::new(SystemClock),
+            faults: None,
+        }
+    }
+}
+
+/// Engine-level failures.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The log failed to open, append or replay.
+    #[error(transparent)]
+    Wal(#[from] wal::Error),
+    /// A record or snapshot failed validation.
+    #[error("invalid record at LSN {lsn}: {reason}")]
+    Record { lsn: u64, reason: String },
+    /// The snapshot ends before the oldest segment starts: segments are missing.
+    #[error("snapshot covers LSN {snapshot}, but the log starts at {first}: segments are missing")]
+    Gap { snapshot: u64, first: u64 },
+    /// The actix system could not start.
+    #[error("actor system: {0}")]
+    System(String),
+    /// A wallet refused or failed an operation.
+    #[error(transparent)]
+    Wallet(#[from] WalletError),
+}
+
+/// What startup found.
+#[derive(Debug, Clone)]
+pub struct Recovery {
+    /// The WAL's recovery report (torn tail truncated, salvage, …).
+    pub wal: wal::RecoveryReport,
+    /// LSN of the snapshot loaded, if any.
+    pub snapshot_lsn: Option<u64>,
+    /// Snapshot files that failed validation and were skipped.
+    pub snapshots_skipped: usize,
+    /// Events replayed on top of the snapshot.
+    pub events_replayed: u64,
+    /// Wallets in memory after recovery.
+    pub wallets: usize,
+}
+
+/// A wallet operation's acknowledged result.
+#[derive(Debug, Clone)]
+pub struct WalletOutcome {
+    /// Ledger entries made (a repeat returns the original's).
+    pub entries: Vec<LedgerEntry>,
+    /// Balances right after the operation.
+    pub balances: Balances,
+}
+
+struct Inner {
+    cfg: EngineConfig,
+    wal: wal::Wal,
+    wallets: RwLock<HashMap<TenantId, Addr<WalletActor>>>,
+    arbiters: Vec<actix::ArbiterHandle>,
+    system: actix::System,
+    system_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    events_appended: Arc<AtomicU64>,
+    events_at_last_snapshot: AtomicU64,
+    last_snapshot: Mutex<Instant>,
+    snapshot_lock: tokio::sync::Mutex<()>,
+    stop_ticker: Arc<AtomicBool>,
+    ticker: Mutex<Option<std::thread::JoinHandle<()>>>,
+    stopped: AtomicBool,
+}
+
+/// The engine handle; clones share it.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> WalletError {
+    WalletError::Unavailable(e.to_string())
+}
+
+impl Engine {
+    /// Recovers the data directory and starts the actors.
+    pub fn open(cfg: EngineConfig) -> Result<(Engine, Recovery), EngineError> {
+        let wal_dir = crate::wal_dir(&cfg.data_dir);
+        let snap_dir = crate::snapshot_dir(&cfg.data_dir);
+        let lookup = wal::latest_snapshot(&snap_dir, cfg.snapshot_bytes_max)?;
+        let (wal, report) = wal::Wal::open(
+            &wal_dir,
+            wal::Options {
+                durability: cfg.durability,
+                segment_bytes_max: cfg.segment_bytes_max,
+                faults: cfg.faults.clone(),
+                ..wal::Options::default()
+            },
+        )?;
+
+        let mut states: HashMap<TenantId, WalletState> = HashMap::new();
+        let mut snapshot_lsn = None;
+        let mut from = 1;
+        if let Some(snap) = &lookup.snapshot {
+            let image =
+                snapshot::decode(snap.payload.as_slice()).map_err(|e| EngineError::Record {
+                    lsn: snap.lsn,
+                    reason: format!("snapshot: {e}"),
+                })?;
+            if image.covered_lsn != snap.lsn {
+                return Err(EngineError::Record {
+                    lsn: snap.lsn,
+                    reason: "snapshot header and image disagree on the LSN".into(),
+                });
+            }
+            for w in image.wallets {
+                states.insert(w.tenant, w);
+            }
+            snapshot_lsn = Some(snap.lsn);
+            from = snap.lsn + 1;
+        }
+        if report.frames > 0 && wal.first_lsn() > from {
+            return Err(EngineError::Gap {
+                snapshot: from - 1,
+                first: wal.first_lsn(),
+            });
+        }
+        let mut replayed = 0u64;
+        let mut replay = wal.replay(from)?;
+        while let Some(frame) = replay.next_frame()? {
+            let lsn = frame.lsn;
+            let record = journal::decode(frame.payload).map_err(|e| EngineError::Record {
+                lsn,
+                reason: e.to_string(),
+            })?;
+            match record {
+                Record::Wallet { tenant, event } => {
+                    let state = states
+                        .entry(tenant)
+                        .or_insert_with(|| WalletState::new(tenant));
+                    if lsn > state.last_lsn {
+                        state.apply(&event, lsn);
+                        replayed += 1;
+                    }
+                }
+            }
+        }
+
+        let (system, arbiters, system_thread) = start_system(cfg.arbiters.max(1))?;
+        let events_appended = Arc::new(AtomicU64::new(0));
+        let wallets_n = states.len();
+        let inner = Arc::new(Inner {
+            wal,
+            wallets: RwLock::new(HashMap::with_capacity(states.len())),
+            arbiters,
+            system,
+            system_thread: Mutex::new(Some(system_thread)),
+            events_appended,
+            events_at_last_snapshot: AtomicU64::new(0),
+            last_snapshot: Mutex::new(Instant::now()),
+            snapshot_lock: tokio::sync::Mutex::new(()),
+            stop_ticker: Arc::new(AtomicBool::new(false)),
+            ticker: Mutex::new(None),
+            stopped: AtomicBool::new(false),
+            cfg,
+        });
+        let engine = Engine { inner };
+        {
+            let mut dir = engine.inner.wallets.write().expect("not poisoned");
+            for (tenant, state) in states {
+                dir.insert(tenant, engine.start_actor(state));
+            }
+        }
+        engine.start_ticker();
+        let recovery = Recovery {
+            wal: report,
+            snapshot_lsn,
+            snapshots_skipped: lookup.skipped.len(),
+            events_replayed: replayed,
+            wallets: wallets_n,
+        };
+        Ok((engine, recovery))
+    }
+
+    fn start_actor(&self, state: WalletState) -> Addr<WalletActor> {
+        let inner = &self.inner;
+        let idx = (state.tenant.0 % inner.arbiters.len() as u128) as usize;
+        let actor = WalletActor {
+            state,
+            wal: inner.wal.clone(),
+            events_appended: Arc::clone(&inner.events_appended),
+        };
+        let capacity = inner.cfg.mailbox_capacity;
+        WalletActor::start_in_arbiter(&inner.arbiters[idx], move |ctx| {
+            ctx.set_mailbox_capacity(capacity);
+            actor
+        })
+    }
+
+    fn start_ticker(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let stop = Arc::clone(&self.inner.stop_ticker);
+        let handle = std::thread::Builder::new()
+            .name("engine-snapshots".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    let Some(inner) = weak.upgrade() else { return };
+                    let engine = Engine { inner };
+                    if engine.snapshot_due() {
+                        // A failed snapshot is retried at the next tick; the log still
+                        // holds everything, so nothing is lost, only startup gets slower.
+                        let _ = futures_lite_block_on(engine.snapshot_now());
+                    }
+                }
+            })
+            .ok();
+        *self.inner.ticker.lock().expect("not poisoned") = handle;
+    }
+
+    fn snapshot_due(&self) -> bool {
+        let i = &self.inner;
+        let since = i.events_appended.load(Ordering::Relaxed)
+            - i.events_at_last_snapshot.load(Ordering::Relaxed);
+        if since == 0 || i.wal.poisoned().is_some() {
+            return false;
+        }
+        since >= i.cfg.snapshot_every_events
+            || i.last_snapshot.lock().expect("not poisoned").elapsed()
+                >= Duration::from_millis(i.cfg.snapshot_every_ms)
+    }
+
+    /// The WAL (for metrics and readiness).
+    pub fn wal(&self) -> &wal::Wal {
+        &self.inner.wal
+    }
+
+    /// Engine time.
+    pub fn now_ms(&self) -> u64 {
+        self.inner.cfg.clock.now_ms()
+    }
+
+    fn addr(&self, tenant: TenantId) -> Result<Addr<WalletActor>, WalletError> {
+        self.inner
+            .wallets
+            .read()
+            .expect("not poisoned")
+            .get(&tenant)
+            .cloned()
+            .ok_or(WalletError::UnknownWallet)
+    }
+
+    /// Opens the tenant's wallet (idempotent). Returns whether it was created now.
+    pub async fn open_wallet(&self, tenant: TenantId) -> Result<bool, WalletError> {
+        let durable = {
+            let mut dir = self.inner.wallets.write().expect("not poisoned");
+            if dir.contains_key(&tenant) {
+                return Ok(false);
+            }
+            let event = WalletEvent::Opened {
+                at_ms: self.now_ms(),
+            };
+            let durable = self
+                .inner
+                .wal
+                .append(&journal::encode(&Record::Wallet {
+                    tenant,
+                    event: event.clone(),
+                }))
+                .map_err(unavailable)?;
+            let mut state = WalletState::new(tenant);
+            state.apply(&event, durable.lsn());
+            self.inner.events_appended.fetch_add(1, Ordering::Relaxed);
+            dir.insert(tenant, self.start_actor(state));
+            durable
+        };
+        durable.await.map_err(unavailable)?;
+        Ok(true)
+    }
+
+    /// Runs a wallet command and waits until it is acknowledged (durable).
+    pub async fn execute(
+        &self,
+        tenant: TenantId,
+        cmd: WalletCommand,
+    ) -> Result<WalletOutcome, WalletError> {
+        let addr = self.addr(tenant)?;
+        let done = addr
+            .send(Execute {
+                cmd,
+                now_ms: self.now_ms(),
+            })
+            .await
+            .map_err(unavailable)??;
+        match done.wait {
+            Wait::Durable(d) => {
+                d.await.map_err(unavailable)?;
+            }
+            Wait::Acked(lsn) => self.inner.wal.wait_acked(lsn).await.map_err(unavailable)?,
+        }
+        Ok(WalletOutcome {
+            entries: done.entries,
+            balances: done.balances,
+        })
+    }
+
+    async fn read(&self, tenant: TenantId, read: Read) -> Result<ReadAnswer, WalletError> {
+        let addr = self.addr(tenant)?;
+        let (answer, lsn) = addr.send(read).await.map_err(unavailable)?;
+        if self.inner.wal.acked_lsn() < lsn {
+            self.inner.wal.wait_acked(lsn).await.map_err(unavailable)?;
+        }
+        Ok(answer)
+    }
+
+    /// Current balances (only acknowledged changes are ever visible).
+    pub async fn balances(&self, tenant: TenantId) -> Result<Balances, WalletError> {
+        match self.read(tenant, Read::Balances).await? {
+            ReadAnswer::Balances(b) => Ok(b),
+            _ => unreachable!("answer matches the read"),
+        }
+    }
+
+    /// Ledger entries with seq > `after`, at most `limit`.
+    pub async fn ledger_page(
+        &self,
+        tenant: TenantId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<LedgerEntry>, WalletError> {
+        match self.read(tenant, Read::Ledger { after, limit }).await? {
+            ReadAnswer::Ledger(v) => Ok(v),
+            _ => unreachable!("answer matches the read"),
+        }
+    }
+
+    /// Statement for `[from_ms, to_ms)`.
+    pub async fn statement(
+        &self,
+        tenant: TenantId,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Result<Statement, WalletError> {
+        match self
+            .read(tenant, Read::Statement { from_ms, to_ms })
+            .await?
+        {
+            ReadAnswer::Statement(s) => Ok(*s),
+            _ => unreachable!("answer matches the read"),
+        }
+    }
+
+    /// A copy of one wallet's whole state.
+    pub async fn wallet_state(&self, tenant: TenantId) -> Result<WalletState, WalletError> {
+        match self.read(tenant, Read::Capture).await? {
+            ReadAnswer::Capture(s) => Ok(*s),
+            _ => unreachable!("answer matches the read"),
+        }
+    }
+
+    /// Tenants with a wallet.
+    pub fn tenants(&self) -> Vec<TenantId> {
+        let mut v: Vec<TenantId> = self
+            .inner
+            .wallets
+            .read()
+            .expect("not poisoned")
+            .keys()
+            .copied()
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Every wallet's state, sorted by tenant (tests compare recovered state with it).
+    pub async fn capture_all(&self) -> Result<Vec<WalletState>, WalletError> {
+        let addrs: Vec<Addr<WalletActor>> = {
+            let dir = self.inner.wallets.read().expect("not poisoned");
+            let mut v: Vec<(TenantId, Addr<WalletActor>)> =
+                dir.iter().map(|(t, a)| (*t, a.clone())).collect();
+            v.sort_unstable_by_key(|(t, _)| *t);
+            v.into_iter().map(|(_, a)| a).collect()
+        };
+        let mut out = Vec::with_capacity(addrs.len());
+        // Enqueue a chunk of requests, then collect: the actors work in parallel.
+        for chunk in addrs.chunks(1024) {
+            let pending: Vec<_> = chunk.iter().map(|a| a.send(Read::Capture)).collect();
+            for p in pending {
+                match p.await.map_err(unavailable)? {
+                    (ReadAnswer::Capture(s), _) => out.push(*s),
+                    _ => unreachable!("answer matches the read"),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs `check_invariants` on every wallet; the first failure, if any.
+    pub async fn check_invariants(&self) -> Result<(), String> {
+        for tenant in self.tenants() {
+            match self.read(tenant, Read::CheckInvariants).await {
+                Ok(ReadAnswer::Invariants(r)) => r?,
+                Ok(_) => unreachable!("answer matches the read"),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a snapshot now; returns the LSN it covers. Older segments and snapshots
+    /// are then deleted.
+    pub async fn snapshot_now(&self) -> Result<u64, EngineError> {
+        let i = &self.inner;
+        let _guard = i.snapshot_lock.lock().await;
+        let appended = i.events_appended.load(Ordering::Relaxed);
+        // Read before any capture: every event at or below it is in the captured states.
+        let covered_lsn = i.wal.next_lsn() - 1;
+        let wallets = self.capture_all().await?;
+        let newest = wallets.iter().map(|w| w.last_lsn).max().unwrap_or(0);
+        i.wal.wait_acked(newest.max(covered_lsn)).await?;
+        let bytes = snapshot::encode(&EngineImage {
+            covered_lsn,
+            wallets,
+        });
+        let snap_dir = crate::snapshot_dir(&i.cfg.data_dir);
+        wal::write_snapshot(&snap_dir, covered_lsn, &bytes)?;
+        i.wal.drop_segments_below(covered_lsn)?;
+        wal::prune_snapshots(&snap_dir, i.cfg.snapshots_kept.max(1))?;
+        i.events_at_last_snapshot.store(appended, Ordering::Relaxed);
+        *i.last_snapshot.lock().expect("not poisoned") = Instant::now();
+        Ok(covered_lsn)
+    }
+
+    /// Stops the engine: optionally a final snapshot, then the log is flushed and closed
+    /// and the actors stopped. Later operations fail with `Unavailable`.
+    pub async fn shutdown(&self, final_snapshot: bool) -> Result<(), EngineError> {
+        let i = &self.inner;
+        if i.stopped.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        i.stop_ticker.store(true, Ordering::Release);
+        let ticker = i.ticker.lock().expect("not poisoned").take();
+        if let Some(t) = ticker {
+            let _ = t.join();
+        }
+        let snap = if final_snapshot && i.wal.poisoned().is_none() {
+            self.snapshot_now().await.map(|_| ())
+        } else {
+            Ok(())
+        };
+        let closed = i.wal.close();
+        i.system.stop();
+        let thread = i.system_thread.lock().expect("not poisoned").take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+        snap?;
+        closed?;
+        Ok(())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop_ticker.store(true, Ordering::Release);
+        self.system.stop();
+        if let Some(t) = self.system_thread.lock().ok().and_then(|mut g| g.take()) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts the actix System on its own thread with `n` arbiters.
+fn start_system(
+    n: usize,
+) -> Result<
+    (
+        actix::System,
+        Vec<actix::ArbiterHandle>,
+        std::thread::JoinHandle<()>,
+    ),
+    EngineError,
+> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("actix-system".into())
+        .spawn(move || {
+            let runner = actix::System::new();
+            let arbiters: Vec<actix::Arbiter> =
+                runner.block_on(async { (0..n).map(|_| actix::Arbiter::new()).collect() });
+            let handles = arbiters.iter().map(|a| a.handle()).collect::<Vec<_>>();
+            let system = runner.block_on(async { actix::System::current() });
+            let _ = tx.send((system, handles));
+            let _ = runner.run();
+            drop(arbiters);
+        })
+        .map_err(|e| EngineError::System(e.to_string()))?;
+    let (system, handles) = rx
+        .recv()
+        .map_err(|_| EngineError::System("actix system thread died at start".into()))?;
+    Ok((system, handles, thread))
+}
+
+/// Drives a future to completion on the current thread (the snapshot ticker has no
+/// runtime of its own; the futures it drives are runtime-agnostic).
+fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a current-thread runtime starts")
+        .block_on(f)
+}

@@ -1,0 +1,170 @@
+//! One actix actor per tenant.
+//!
+//! A command is handled synchronously: expire due grants, `decide`, append each event to
+//! the WAL (which assigns its LSN), `apply` it, and reply with the durability handle of the
+//! last event. The caller awaits that handle; the actor is already handling the next
+//! message while earlier events sync, and handles resolve in LSN order, so replies are
+//! acknowledged in log order. Appending before applying means a refused append (poisoned
+//! or closed log) leaves the state exactly as the log has it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use actix::{Actor, Context, Handler, Message};
+
+use crate::engine::events::Record;
+use crate::engine::journal;
+use crate::engine::wallet::ledger::LedgerEntry;
+use crate::engine::wallet::state::{
+    Balances, Decision, Statement, WalletCommand, WalletError, WalletEvent, WalletState,
+};
+
+/// What the caller must await before acknowledging.
+pub enum Wait {
+    /// The new events' durability handle (the last one covers all before it).
+    Durable(wal::Durable),
+    /// An LSN recorded earlier (a repeat waits for its original to be acknowledged).
+    Acked(u64),
+}
+
+/// The actor.
+pub struct WalletActor {
+    /// The wallet.
+    pub(crate) state: WalletState,
+    /// Where events go.
+    pub(crate) wal: wal::Wal,
+    /// Events appended by all wallets since start (drives periodic snapshots).
+    pub(crate) events_appended: Arc<AtomicU64>,
+}
+
+impl Actor for WalletActor {
+    type Context = Context<Self>;
+}
+
+impl WalletActor {
+    fn record(&mut self, event: WalletEvent) -> Result<wal::Durable, WalletError> {
+        let record = Record::Wallet {
+            tenant: self.state.tenant,
+            event,
+        };
+        let durable = self
+            .wal
+            .append(&journal::encode(&record))
+            .map_err(|e| WalletError::Unavailable(e.to_string()))?;
+        let Record::Wallet { event, .. } = record;
+        self.state.apply(&event, durable.lsn());
+        self.events_appended.fetch_add(1, Ordering::Relaxed);
+        Ok(durable)
+    }
+}
+
+/// Run a command.
+pub struct Execute {
+    /// The command.
+    pub cmd: WalletCommand,
+    /// Engine clock at send time.
+    pub now_ms: u64,
+}
+
+/// A command's result before durability.
+pub struct Executed {
+    /// Ledger entries the command made (for a repeat: the original's entry).
+    pub entries: Vec<LedgerEntry>,
+    /// Balances right after.
+    pub balances: Balances,
+    /// What to await before acknowledging.
+    pub wait: Wait,
+}
+
+impl Message for Execute {
+    type Result = Result<Executed, WalletError>;
+}
+
+impl Handler<Execute> for WalletActor {
+    type Result = Result<Executed, WalletError>;
+
+    fn handle(&mut self, msg: Execute, _: &mut Context<Self>) -> Self::Result {
+        let mut last = None;
+        // Expire what is due first: facts in their own right, whatever the command's fate.
+        for ev in self.state.expiry_events(msg.now_ms) {
+            last = Some(self.record(ev)?);
+        }
+        let before = self.state.ledger.len();
+        let wait = match self.state.decide(&msg.cmd, msg.now_ms)? {
+            Decision::Repeat(seq) => {
+                let entry = seq.and_then(|s| self.state.entry(s).cloned());
+                let lsn = entry.as_ref().map_or(self.state.last_lsn, |e| e.lsn);
+                let balances = self.state.balances();
+                return Ok(Executed {
+                    entries: entry.into_iter().collect(),
+                    balances,
+                    wait: Wait::Acked(lsn),
+                });
+            }
+            Decision::Record(events) => {
+                for ev in events {
+                    last = Some(self.record(ev)?);
+                }
+                match last {
+                    Some(d) => Wait::Durable(d),
+                    None => Wait::Acked(self.state.last_lsn),
+                }
+            }
+        };
+        Ok(Executed {
+            entries: self.state.ledger[before..].to_vec(),
+            balances: self.state.balances(),
+            wait,
+        })
+    }
+}
+
+/// Reads. Each answer carries the wallet's `last_lsn`: the caller waits until it is
+/// acknowledged, so no read shows a change the log could still lose.
+pub enum Read {
+    /// Balances.
+    Balances,
+    /// Entries with seq > `after`, at most `limit`.
+    Ledger { after: u64, limit: usize },
+    /// Statement for `[from_ms, to_ms)`.
+    Statement { from_ms: u64, to_ms: u64 },
+    /// The whole state (snapshots, tests).
+    Capture,
+    /// `check_invariants` on the state.
+    CheckInvariants,
+}
+
+/// Answer to a `Read`.
+pub enum ReadAnswer {
+    Balances(Balances),
+    Ledger(Vec<LedgerEntry>),
+    Statement(Box<Statement>),
+    Capture(Box<WalletState>),
+    Invariants(Result<(), String>),
+}
+
+impl Message for Read {
+    type Result = (ReadAnswer, u64);
+}
+
+impl Handler<Read> for WalletActor {
+    type Result = actix::MessageResult<Read>;
+
+    fn handle(&mut self, msg: Read, _: &mut Context<Self>) -> Self::Result {
+        let s = &self.state;
+        let answer = match msg {
+            Read::Balances => ReadAnswer::Balances(s.balances()),
+            Read::Ledger { after, limit } => {
+                let start = (after as usize).min(s.ledger.len());
+                let end = start.saturating_add(limit).min(s.ledger.len());
+                ReadAnswer::Ledger(s.ledger[start..end].to_vec())
+            }
+            Read::Statement { from_ms, to_ms } => {
+                ReadAnswer::Statement(Box::new(s.statement(from_ms, to_ms)))
+            }
+            Read::Capture => ReadAnswer::Capture(Box::new(s.clone())),
+            Read::CheckInvariants => ReadAnswer::Invariants(s.check_invariants()),
+        };
+        actix::MessageResult((answer, s.last_lsn))
+    }
+}

@@ -1,0 +1,1147 @@
+//! One tenant's wallet: state, the commands it accepts, the events it records, `decide`
+//! (validate a command against the state, produce the events; never mutates) and `apply`
+//! (the one function that changes the state, used live and in replay).
+//!
+//! Money rules (SPEC §2) as code:
+//! - `available + held == granted + adjusted - spent - expired`, nothing negative.
+//! - Per hold: `amount == settled + released + remaining`; a draw per grant, same identity.
+//! - Per grant: `amount == available + held + spent + expired + debited`.
+//! - A hold draws from grants soonest-expiring first, promotional before paid at equal
+//!   expiry, then oldest grant first. Settles consume a hold's draws in draw order (the
+//!   soonest-expiring credits pay first); releases return credits from the last draw
+//!   backwards, to the grant they came from; if that grant has expired meanwhile the
+//!   returned credits expire at once, with their own ledger entry.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::engine::wallet::ledger::{chain_hash, EntryKind, LedgerEntry, GENESIS_HASH};
+use crate::ids::{BatchId, TenantId};
+use crate::money;
+
+/// Where credits came from.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub enum GrantKind {
+    /// Bought credits.
+    Paid,
+    /// Free credits (drawn before paid ones at equal expiry).
+    Promotional,
+    /// Created by an upward admin adjustment.
+    Adjustment,
+}
+
+impl GrantKind {
+    /// The name clients see.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantKind::Paid => "paid",
+            GrantKind::Promotional => "promotional",
+            GrantKind::Adjustment => "adjustment",
+        }
+    }
+    /// Draw priority at equal expiry: lower first.
+    fn rank(self) -> u8 {
+        match self {
+            GrantKind::Promotional => 0,
+            GrantKind::Paid | GrantKind::Adjustment => 1,
+        }
+    }
+}
+
+/// A lot of credits with one origin and one expiry.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Grant {
+    /// 1-based per tenant; `grants[id - 1]`.
+    pub id: u32,
+    /// Origin.
+    pub kind: GrantKind,
+    /// As granted.
+    pub amount: u64,
+    /// Part that can be held now.
+    pub available: u64,
+    /// Part sitting in holds.
+    pub held: u64,
+    /// Part settled (paid for successes).
+    pub spent: u64,
+    /// Part that expired.
+    pub expired: u64,
+    /// Part taken away by downward adjustments.
+    pub debited: u64,
+    /// Expiry (ms since epoch); `None` never expires.
+    pub expires_at_ms: Option<u64>,
+    /// The expiry has been processed: nothing returns to `available` any more.
+    pub is_expired: bool,
+}
+
+/// Credits of one hold that came from one grant.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Draw {
+    /// The grant they came from.
+    pub grant: u32,
+    /// Drawn at hold time.
+    pub amount: u64,
+    /// Of which settled.
+    pub settled: u64,
+    /// Of which released.
+    pub released: u64,
+}
+
+impl Draw {
+    fn remaining(&self) -> u64 {
+        self.amount - self.settled - self.released
+    }
+}
+
+/// What happened to one item of a hold (kept so repeats return the original outcome).
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct ItemMove {
+    /// Settled (true) or released (false).
+    pub settled: bool,
+    /// Amount moved.
+    pub amount: u64,
+    /// Ledger entry of the move.
+    pub ledger_seq: u64,
+}
+
+/// Credits held for one batch.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Hold {
+    /// Held at creation (the batch's quote).
+    pub amount: u64,
+    /// Settled so far.
+    pub settled: u64,
+    /// Released so far.
+    pub released: u64,
+    /// Per-grant origin, in draw order.
+    pub draws: Vec<Draw>,
+    /// Outcome per item, for exactly-once settle/release.
+    pub items: HashMap<u32, ItemMove>,
+    /// Ledger entry of the hold.
+    pub ledger_seq: u64,
+}
+
+impl Hold {
+    /// Credits still held.
+    pub fn remaining(&self) -> u64 {
+        self.amount - self.settled - self.released
+    }
+}
+
+/// An operation on a wallet. Every money operation carries its operation key: the request
+/// id (grant, adjust), the batch (hold) or the (batch, item) pair (settle, release).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WalletCommand {
+    /// Top up.
+    Grant {
+        request_id: String,
+        kind: GrantKind,
+        amount: u64,
+        expires_at_ms: Option<u64>,
+    },
+    /// Pre-check and hold a batch's quote (all or nothing).
+    Hold { batch: BatchId, amount: u64 },
+    /// Charge one succeeded item.
+    Settle {
+        batch: BatchId,
+        item: u32,
+        amount: u64,
+    },
+    /// Refund one failed or canceled item.
+    Release {
+        batch: BatchId,
+        item: u32,
+        amount: u64,
+    },
+    /// Admin adjustment (`delta` ≠ 0).
+    Adjust {
+        request_id: String,
+        delta: i64,
+        reason: String,
+    },
+    /// Expire grants whose expiry has passed (also done before every other command).
+    ExpireDue,
+    /// Threshold for the `wallet.low_balance` notification.
+    SetLowBalanceThreshold { threshold: Option<u64> },
+}
+
+/// A fact recorded in the log. Carries every decision (which grants a hold drew from,
+/// which a settle consumed), so `apply` never chooses anything.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum WalletEvent {
+    /// The wallet exists (empty).
+    Opened { at_ms: u64 },
+    /// A top-up created grant `grant`.
+    Granted {
+        request_id: String,
+        grant: u32,
+        kind: GrantKind,
+        amount: u64,
+        expires_at_ms: Option<u64>,
+        at_ms: u64,
+    },
+    /// A hold drew `draws` (grant, amount).
+    Held {
+        batch: BatchId,
+        amount: u64,
+        draws: Vec<(u32, u64)>,
+        at_ms: u64,
+    },
+    /// An item was settled out of `parts` of the hold's draws.
+    Settled {
+        batch: BatchId,
+        item: u32,
+        amount: u64,
+        parts: Vec<(u32, u64)>,
+        at_ms: u64,
+    },
+    /// An item was released back to the grants in `parts`.
+    Released {
+        batch: BatchId,
+        item: u32,
+        amount: u64,
+        parts: Vec<(u32, u64)>,
+        at_ms: u64,
+    },
+    /// An upward adjustment (creates grant `grant`) or a downward one (takes `parts`).
+    Adjusted {
+        request_id: String,
+        delta: i64,
+        reason: String,
+        grant: Option<u32>,
+        parts: Vec<(u32, u64)>,
+        at_ms: u64,
+    },
+    /// Grant `grant` expired with `amount` still available.
+    GrantExpired { grant: u32, amount: u64, at_ms: u64 },
+    /// Low-balance threshold changed.
+    ThresholdSet { threshold: Option<u64>, at_ms: u64 },
+}
+
+/// Why a command was refused. Nothing was recorded for a refused command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WalletError {
+    /// No wallet for this tenant.
+    #[error("no wallet for this tenant")]
+    UnknownWallet,
+    /// The pre-check failed: nothing was held.
+    #[error("insufficient credits: {available} available, {needed} needed")]
+    InsufficientCredits { available: u64, needed: u64 },
+    /// The operation key was used before with different parameters.
+    #[error("operation key {key} was already used with different parameters")]
+    KeyReused { key: String },
+    /// Settle/release of a batch that has no hold.
+    #[error("no hold for batch {batch}")]
+    UnknownHold { batch: BatchId },
+    /// Settle/release beyond what the hold still has.
+    #[error("hold of batch {batch} has {remaining} credits left, {requested} requested")]
+    HoldExceeded {
+        batch: BatchId,
+        remaining: u64,
+        requested: u64,
+    },
+    /// Amount zero (or a zero adjustment).
+    #[error("amount must be positive")]
+    ZeroAmount,
+    /// A total would leave the u64 range.
+    #[error("amount out of range")]
+    OutOfRange,
+    /// The log refused the event (poisoned or closed): nothing was changed.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<money::OutOfRange> for WalletError {
+    fn from(_: money::OutOfRange) -> Self {
+        WalletError::OutOfRange
+    }
+}
+
+/// Balances as clients read them (SPEC §11 `GET /v1/wallet`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Balances {
+    pub available: u64,
+    pub held: u64,
+    pub granted: u64,
+    pub spent: u64,
+    pub released: u64,
+    pub adjusted: i64,
+    pub expired: u64,
+    pub low_balance_threshold: Option<u64>,
+}
+
+/// What a command produced: new events to record, or the original outcome of a repeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Record these events, in order.
+    Record(Vec<WalletEvent>),
+    /// Repeat of an earlier operation: its ledger entry (`None` when it has none).
+    Repeat(Option<u64>),
+}
+
+/// One tenant's wallet.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct WalletState {
+    /// Owner.
+    pub tenant: TenantId,
+    /// Can be held now.
+    pub available: u64,
+    /// In holds.
+    pub held: u64,
+    /// Lifetime top-ups.
+    pub granted: u64,
+    /// Lifetime settled.
+    pub spent: u64,
+    /// Lifetime released (refunds).
+    pub released: u64,
+    /// Lifetime net admin adjustments (the one signed figure).
+    pub adjusted: i64,
+    /// Lifetime expired.
+    pub expired: u64,
+    /// `wallet.low_balance` threshold.
+    pub low_balance_threshold: Option<u64>,
+    /// Grants, `grants[id - 1]`.
+    pub grants: Vec<Grant>,
+    /// Holds by batch (finished holds stay, so repeats of their items are recognised).
+    pub holds: HashMap<BatchId, Hold>,
+    /// Request-keyed operations (top-ups, adjustments) → their ledger entry.
+    pub ops: HashMap<String, u64>,
+    /// The ledger, `ledger[seq - 1]`.
+    pub ledger: Vec<LedgerEntry>,
+    /// LSN of the last event applied (replay skips events at or below it).
+    pub last_lsn: u64,
+}
+
+impl WalletState {
+    /// An empty wallet.
+    pub fn new(tenant: TenantId) -> Self {
+        WalletState {
+            tenant,
+            available: 0,
+            held: 0,
+            granted: 0,
+            spent: 0,
+            released: 0,
+            adjusted: 0,
+            expired: 0,
+            low_balance_threshold: None,
+            grants: Vec::new(),
+            holds: HashMap::new(),
+            ops: HashMap::new(),
+            ledger: Vec::new(),
+            last_lsn: 0,
+        }
+    }
+
+    /// Current balances.
+    pub fn balances(&self) -> Balances {
+        Balances {
+            available: self.available,
+            held: self.held,
+            granted: self.granted,
+            spent: self.spent,
+            released: self.released,
+            adjusted: self.adjusted,
+            expired: self.expired,
+            low_balance_threshold: self.low_balance_threshold,
+        }
+    }
+
+    /// Ledger entry `seq` (1-based).
+    pub fn entry(&self, seq: u64) -> Option<&LedgerEntry> {
+        seq.checked_sub(1).and_then(|i| self.ledger.get(i as usize))
+    }
+
+    /// Grant ids in draw order: soonest expiry, promotional first, oldest first.
+    fn draw_order(&self) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..self.grants.len())
+            .filter(|&i| self.grants[i].available > 0 && !self.grants[i].is_expired)
+            .collect();
+        idx.sort_by_key(|&i| {
+            let g = &self.grants[i];
+            (g.expires_at_ms.unwrap_or(u64::MAX), g.kind.rank(), g.id)
+        });
+        idx
+    }
+
+    /// Takes `amount` from available grants in draw order.
+    fn take_from_grants(&self, amount: u64) -> Vec<(u32, u64)> {
+        let mut left = amount;
+        let mut out = Vec::new();
+        for i in self.draw_order() {
+            if left == 0 {
+                break;
+            }
+            let g = &self.grants[i];
+            let take = g.available.min(left);
+            out.push((g.id, take));
+            left -= take;
+        }
+        assert_eq!(left, 0, "caller checked available >= amount");
+        out
+    }
+
+    /// Events that expire every grant whose expiry is at or before `now_ms`.
+    pub fn expiry_events(&self, now_ms: u64) -> Vec<WalletEvent> {
+        self.grants
+            .iter()
+            .filter(|g| !g.is_expired && g.expires_at_ms.is_some_and(|e| e <= now_ms))
+            .map(|g| WalletEvent::GrantExpired {
+                grant: g.id,
+                amount: g.available,
+                at_ms: now_ms,
+            })
+            .collect()
+    }
+
+    /// Validates `cmd` against the state and returns what to record. Never mutates.
+    pub fn decide(&self, cmd: &WalletCommand, now_ms: u64) -> Result<Decision, WalletError> {
+        match cmd {
+            WalletCommand::Grant {
+                request_id,
+                kind,
+                amount,
+                expires_at_ms,
+            } => {
+                if let Some(&seq) = self.ops.get(request_id) {
+                    let e = self.entry(seq).expect("op points at an entry");
+                    let same = e.kind == EntryKind::TopUp
+                        && e.amount == *amount
+                        && e.grant.is_some_and(|g| {
+                            let g = &self.grants[g as usize - 1];
+                            g.kind == *kind && g.expires_at_ms == *expires_at_ms
+                        });
+                    return if same {
+                        Ok(Decision::Repeat(Some(seq)))
+                    } else {
+                        Err(WalletError::KeyReused {
+                            key: request_id.clone(),
+                        })
+                    };
+                }
+                if *amount == 0 {
+                    return Err(WalletError::ZeroAmount);
+                }
+                if *kind == GrantKind::Adjustment {
+                    return Err(WalletError::KeyReused {
+                        key: "adjustment grants come only from adjustments".into(),
+                    });
+                }
+                money::try_add(self.available, *amount)?;
+                money::try_add(self.granted, *amount)?;
+                let grant =
+                    u32::try_from(self.grants.len() + 1).map_err(|_| WalletError::OutOfRange)?;
+                Ok(Decision::Record(vec![WalletEvent::Granted {
+                    request_id: request_id.clone(),
+                    grant,
+                    kind: *kind,
+                    amount: *amount,
+                    expires_at_ms: *expires_at_ms,
+                    at_ms: now_ms,
+                }]))
+            }
+            WalletCommand::Hold { batch, amount } => {
+                if let Some(h) = self.holds.get(batch) {
+                    return if h.amount == *amount {
+                        Ok(Decision::Repeat(Some(h.ledger_seq)))
+                    } else {
+                        Err(WalletError::KeyReused {
+                            key: batch.to_string(),
+                        })
+                    };
+                }
+                if *amount == 0 {
+                    return Err(WalletError::ZeroAmount);
+                }
+                if self.available < *amount {
+                    return Err(WalletError::InsufficientCredits {
+                        available: self.available,
+                        needed: *amount,
+                    });
+                }
+                Ok(Decision::Record(vec![WalletEvent::Held {
+                    batch: *batch,
+                    amount: *amount,
+                    draws: self.take_from_grants(*amount),
+                    at_ms: now_ms,
+                }]))
+            }
+            WalletCommand::Settle {
+                batch,
+                item,
+                amount,
+            }
+            | WalletCommand::Release {
+                batch,
+                item,
+                amount,
+            } => {
+                let settle = matches!(cmd, WalletCommand::Settle { .. });
+                let hold = self
+                    .holds
+                    .get(batch)
+                    .ok_or(WalletError::UnknownHold { batch: *batch })?;
+                if let Some(m) = hold.items.get(item) {
+                    return if m.settled == settle && m.amount == *amount {
+                        Ok(Decision::Repeat(Some(m.ledger_seq)))
+                    } else {
+                        Err(WalletError::KeyReused {
+                            key: format!("{batch}/{item}"),
+                        })
+                    };
+                }
+                if *amount == 0 {
+                    return Err(WalletError::ZeroAmount);
+                }
+                if *amount > hold.remaining() {
+                    return Err(WalletError::HoldExceeded {
+                        batch: *batch,
+                        remaining: hold.remaining(),
+                        requested: *amount,
+                    });
+                }
+                let mut left = *amount;
+                let mut parts = Vec::new();
+                let order: Box<dyn Iterator<Item = &Draw>> = if settle {
+                    Box::new(hold.draws.iter())
+                } else {
+                    Box::new(hold.draws.iter().rev())
+                };
+                for d in order {
+                    if left == 0 {
+                        break;
+                    }
+                    let take = d.remaining().min(left);
+                    if take > 0 {
+                        parts.push((d.grant, take));
+                        left -= take;
+                    }
+                }
+                assert_eq!(left, 0, "hold.remaining() == sum of draw remainders");
+                let (batch, item, amount) = (*batch, *item, *amount);
+                Ok(Decision::Record(vec![if settle {
+                    WalletEvent::Settled {
+                        batch,
+                        item,
+                        amount,
+                        parts,
+                        at_ms: now_ms,
+                    }
+                } else {
+                    WalletEvent::Released {
+                        batch,
+                        item,
+                        amount,
+                        parts,
+                        at_ms: now_ms,
+                    }
+                }]))
+            }
+            WalletCommand::Adjust {
+                request_id,
+                delta,
+                reason,
+            } => {
+                if let Some(&seq) = self.ops.get(request_id) {
+                    let e = self.entry(seq).expect("op points at an entry");
+                    let same = e.kind == EntryKind::Adjust
+                        && e.negative == (*delta < 0)
+                        && e.amount == delta.unsigned_abs()
+                        && e.reason.as_deref() == Some(reason.as_str());
+                    return if same {
+                        Ok(Decision::Repeat(Some(seq)))
+                    } else {
+                        Err(WalletError::KeyReused {
+                            key: request_id.clone(),
+                        })
+                    };
+                }
+                if *delta == 0 {
+                    return Err(WalletError::ZeroAmount);
+                }
+                let magnitude = delta.unsigned_abs();
+                let (grant, parts) = if *delta > 0 {
+                    money::try_add(self.available, magnitude)?;
+                    self.adjusted
+                        .checked_add(*delta)
+                        .ok_or(WalletError::OutOfRange)?;
+                    let id = u32::try_from(self.grants.len() + 1)
+                        .map_err(|_| WalletError::OutOfRange)?;
+                    (Some(id), Vec::new())
+                } else {
+                    if self.available < magnitude {
+                        return Err(WalletError::InsufficientCredits {
+                            available: self.available,
+                            needed: magnitude,
+                        });
+                    }
+                    self.adjusted
+                        .checked_add(*delta)
+                        .ok_or(WalletError::OutOfRange)?;
+                    (None, self.take_from_grants(magnitude))
+                };
+                Ok(Decision::Record(vec![WalletEvent::Adjusted {
+                    request_id: request_id.clone(),
+                    delta: *delta,
+                    reason: reason.clone(),
+                    grant,
+                    parts,
+                    at_ms: now_ms,
+                }]))
+            }
+            WalletCommand::ExpireDue => Ok(Decision::Record(Vec::new())),
+            WalletCommand::SetLowBalanceThreshold { threshold } => {
+                if *threshold == self.low_balance_threshold {
+                    return Ok(Decision::Repeat(None));
+                }
+                Ok(Decision::Record(vec![WalletEvent::ThresholdSet {
+                    threshold: *threshold,
+                    at_ms: now_ms,
+                }]))
+            }
+        }
+    }
+
+    /// Appends a ledger entry, chaining its hash. Returns its seq.
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &mut self,
+        kind: EntryKind,
+        amount: u64,
+        negative: bool,
+        refs: (Option<BatchId>, Option<u32>, Option<u32>),
+        parts: Vec<(u32, u64)>,
+        text: (Option<String>, Option<String>),
+        at_ms: u64,
+        lsn: u64,
+    ) -> u64 {
+        let seq = self.ledger.len() as u64 + 1;
+        let mut e = LedgerEntry {
+            seq,
+            kind,
+            amount,
+            negative,
+            available_after: self.available,
+            held_after: self.held,
+            batch: refs.0,
+            item: refs.1,
+            grant: refs.2,
+            parts,
+            request_id: text.0,
+            reason: text.1,
+            at_ms,
+            lsn,
+            hash: [0; 32],
+        };
+        let prev = self.ledger.last().map_or(GENESIS_HASH, |p| p.hash);
+        e.hash = chain_hash(&prev, self.tenant, &e);
+        self.ledger.push(e);
+        seq
+    }
+
+    fn grant_mut(&mut self, id: u32) -> &mut Grant {
+        &mut self.grants[id as usize - 1]
+    }
+
+    /// Applies a recorded event. The one place wallet state changes, live and in replay.
+    /// Events were validated by `decide`; any inconsistency here is corruption and panics.
+    pub fn apply(&mut self, event: &WalletEvent, lsn: u64) {
+        assert!(lsn > self.last_lsn, "events apply in LSN order");
+        match event {
+            WalletEvent::Opened { .. } => {}
+            WalletEvent::Granted {
+                request_id,
+                grant,
+                kind,
+                amount,
+                expires_at_ms,
+                at_ms,
+            } => {
+                assert_eq!(
+                    *grant as usize,
+                    self.grants.len() + 1,
+                    "grant ids are dense"
+                );
+                self.grants.push(Grant {
+                    id: *grant,
+                    kind: *kind,
+                    amount: *amount,
+                    available: *amount,
+                    held: 0,
+                    spent: 0,
+                    expired: 0,
+                    debited: 0,
+                    expires_at_ms: *expires_at_ms,
+                    is_expired: false,
+                });
+                self.available = money::add(self.available, *amount);
+                self.granted = money::add(self.granted, *amount);
+                let seq = self.record(
+                    EntryKind::TopUp,
+                    *amount,
+                    false,
+                    (None, None, Some(*grant)),
+                    vec![(*grant, *amount)],
+                    (Some(request_id.clone()), None),
+                    *at_ms,
+                    lsn,
+                );
+                self.ops.insert(request_id.clone(), seq);
+            }
+            WalletEvent::Held {
+                batch,
+                amount,
+                draws,
+                at_ms,
+            } => {
+                assert!(!self.holds.contains_key(batch), "one hold per batch");
+                let mut sum = 0;
+                for &(g, a) in draws {
+                    let grant = self.grant_mut(g);
+                    grant.available = money::sub(grant.available, a);
+                    grant.held = money::add(grant.held, a);
+                    sum = money::add(sum, a);
+                }
+                assert_eq!(sum, *amount, "draws add up to the hold");
+                self.available = money::sub(self.available, *amount);
+                self.held = money::add(self.held, *amount);
+                let seq = self.record(
+                    EntryKind::Hold,
+                    *amount,
+                    false,
+                    (Some(*batch), None, None),
+                    draws.clone(),
+                    (None, None),
+                    *at_ms,
+                    lsn,
+                );
+                self.holds.insert(
+                    *batch,
+                    Hold {
+                        amount: *amount,
+                        settled: 0,
+                        released: 0,
+                        draws: draws
+                            .iter()
+                            .map(|&(grant, amount)| Draw {
+                                grant,
+                                amount,
+                                settled: 0,
+                                released: 0,
+                            })
+                            .collect(),
+                        items: HashMap::new(),
+                        ledger_seq: seq,
+                    },
+                );
+            }
+            WalletEvent::Settled {
+                batch,
+                item,
+                amount,
+                parts,
+                at_ms,
+            } => {
+                self.move_from_hold(*batch, *item, *amount, parts, true);
+                for &(g, a) in parts {
+                    let grant = self.grant_mut(g);
+                    grant.held = money::sub(grant.held, a);
+                    grant.spent = money::add(grant.spent, a);
+                }
+                self.held = money::sub(self.held, *amount);
+                self.spent = money::add(self.spent, *amount);
+                let seq = self.record(
+                    EntryKind::Settle,
+                    *amount,
+                    false,
+                    (Some(*batch), Some(*item), None),
+                    parts.clone(),
+                    (None, None),
+                    *at_ms,
+                    lsn,
+                );
+                self.note_item(*batch, *item, true, *amount, seq);
+            }
+            WalletEvent::Released {
+                batch,
+                item,
+                amount,
+                parts,
+                at_ms,
+            } => {
+                self.move_from_hold(*batch, *item, *amount, parts, false);
+                let mut expired_parts = Vec::new();
+                for &(g, a) in parts {
+                    let grant = self.grant_mut(g);
+                    grant.held = money::sub(grant.held, a);
+                    grant.available = money::add(grant.available, a);
+                    if grant.is_expired {
+                        expired_parts.push((g, a));
+                    }
+                }
+                self.held = money::sub(self.held, *amount);
+                self.available = money::add(self.available, *amount);
+                self.released = money::add(self.released, *amount);
+                let seq = self.record(
+                    EntryKind::Release,
+                    *amount,
+                    false,
+                    (Some(*batch), Some(*item), None),
+                    parts.clone(),
+                    (None, None),
+                    *at_ms,
+                    lsn,
+                );
+                self.note_item(*batch, *item, false, *amount, seq);
+                // Credits returned to a grant that expired meanwhile expire now.
+                for (g, a) in expired_parts {
+                    self.expire_from_grant(g, a, *at_ms, lsn);
+                }
+            }
+            WalletEvent::Adjusted {
+                request_id,
+                delta,
+                reason,
+                grant,
+                parts,
+                at_ms,
+            } => {
+                let magnitude = delta.unsigned_abs();
+                if *delta > 0 {
+                    let id = grant.expect("upward adjustment creates a grant");
+                    assert_eq!(id as usize, self.grants.len() + 1, "grant ids are dense");
+                    self.grants.push(Grant {
+                        id,
+                        kind: GrantKind::Adjustment,
+                        amount: magnitude,
+                        available: magnitude,
+                        held: 0,
+                        spent: 0,
+                        expired: 0,
+                        debited: 0,
+                        expires_at_ms: None,
+                        is_expired: false,
+                    });
+                    self.available = money::add(self.available, magnitude);
+                } else {
+                    let mut sum = 0;
+                    for &(g, a) in parts {
+                        let grant = self.grant_mut(g);
+                        grant.available = money::sub(grant.available, a);
+                        grant.debited = money::add(grant.debited, a);
+                        sum = money::add(sum, a);
+                    }
+                    assert_eq!(sum, magnitude, "parts add up to the adjustment");
+                    self.available = money::sub(self.available, magnitude);
+                }
+                self.adjusted = self
+                    .adjusted
+                    .checked_add(*delta)
+                    .expect("adjusted within i64");
+                let seq = self.record(
+                    EntryKind::Adjust,
+                    magnitude,
+                    *delta < 0,
+                    (None, None, *grant),
+                    if *delta > 0 {
+                        vec![(grant.expect("checked"), magnitude)]
+                    } else {
+                        parts.clone()
+                    },
+                    (Some(request_id.clone()), Some(reason.clone())),
+                    *at_ms,
+                    lsn,
+                );
+                self.ops.insert(request_id.clone(), seq);
+            }
+            WalletEvent::GrantExpired {
+                grant,
+                amount,
+                at_ms,
+            } => {
+                let g = self.grant_mut(*grant);
+                assert!(!g.is_expired, "a grant expires once");
+                assert_eq!(g.available, *amount, "expiry takes all that is available");
+                g.is_expired = true;
+                if *amount > 0 {
+                    self.expire_from_grant(*grant, *amount, *at_ms, lsn);
+                }
+            }
+            WalletEvent::ThresholdSet { threshold, .. } => {
+                self.low_balance_threshold = *threshold;
+            }
+        }
+        self.last_lsn = lsn;
+        self.assert_conservation();
+    }
+
+    fn expire_from_grant(&mut self, grant: u32, amount: u64, at_ms: u64, lsn: u64) {
+        let g = self.grant_mut(grant);
+        g.available = money::sub(g.available, amount);
+        g.expired = money::add(g.expired, amount);
+        self.available = money::sub(self.available, amount);
+        self.expired = money::add(self.expired, amount);
+        self.record(
+            EntryKind::Expire,
+            amount,
+            false,
+            (None, None, Some(grant)),
+            vec![(grant, amount)],
+            (None, None),
+            at_ms,
+            lsn,
+        );
+    }
+
+    fn move_from_hold(
+        &mut self,
+        batch: BatchId,
+        item: u32,
+        amount: u64,
+        parts: &[(u32, u64)],
+        settle: bool,
+    ) {
+        let hold = self
+            .holds
+            .get_mut(&batch)
+            .expect("settle/release has a hold");
+        assert!(!hold.items.contains_key(&item), "an item moves once");
+        assert!(amount <= hold.remaining(), "never beyond the hold");
+        let mut sum = 0;
+        for &(g, a) in parts {
+            let d = hold
+                .draws
+                .iter_mut()
+                .find(|d| d.grant == g)
+                .expect("part names a draw of this hold");
+            assert!(a <= d.remaining(), "never beyond a draw");
+            if settle {
+                d.settled += a;
+            } else {
+                d.released += a;
+            }
+            sum = money::add(sum, a);
+        }
+        assert_eq!(sum, amount, "parts add up to the amount");
+        if settle {
+            hold.settled = money::add(hold.settled, amount);
+        } else {
+            hold.released = money::add(hold.released, amount);
+        }
+    }
+
+    fn note_item(&mut self, batch: BatchId, item: u32, settled: bool, amount: u64, seq: u64) {
+        let hold = self
+            .holds
+            .get_mut(&batch)
+            .expect("checked in move_from_hold");
+        hold.items.insert(
+            item,
+            ItemMove {
+                settled,
+                amount,
+                ledger_seq: seq,
+            },
+        );
+    }
+
+    /// The O(1) identity checked after every event.
+    fn assert_conservation(&self) {
+        let lhs = self.available as i128 + self.held as i128;
+        let rhs = self.granted as i128 + self.adjusted as i128
+            - self.spent as i128
+            - self.expired as i128;
+        assert_eq!(
+            lhs, rhs,
+            "wallet conservation broken for {}: available + held != granted + adjusted - spent - expired",
+            self.tenant
+        );
+    }
+
+    /// Recomputes every derived figure from grants, holds and the ledger, and compares.
+    /// Cost is linear in the wallet's size: for tests and reconciliation, not the hot path.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let err = |m: String| Err(format!("{}: {m}", self.tenant));
+        let lhs = self.available as i128 + self.held as i128;
+        let rhs = self.granted as i128 + self.adjusted as i128
+            - self.spent as i128
+            - self.expired as i128;
+        if lhs != rhs {
+            return err(format!("conservation: {lhs} != {rhs}"));
+        }
+        let (mut avail, mut held, mut spent, mut expired) = (0u128, 0u128, 0u128, 0u128);
+        let mut granted = 0u128;
+        for g in &self.grants {
+            let sum = g.available as u128
+                + g.held as u128
+                + g.spent as u128
+                + g.expired as u128
+                + g.debited as u128;
+            if sum != g.amount as u128 {
+                return err(format!(
+                    "grant {}: parts {sum} != amount {}",
+                    g.id, g.amount
+                ));
+            }
+            if g.is_expired && g.available != 0 {
+                return err(format!(
+                    "expired grant {} still has available credits",
+                    g.id
+                ));
+            }
+            avail += g.available as u128;
+            held += g.held as u128;
+            spent += g.spent as u128;
+            expired += g.expired as u128;
+            if g.kind != GrantKind::Adjustment {
+                granted += g.amount as u128;
+            }
+        }
+        if avail != self.available as u128 || spent != self.spent as u128 {
+            return err(format!(
+                "grants say available {avail} spent {spent}, wallet says {} {}",
+                self.available, self.spent
+            ));
+        }
+        if expired != self.expired as u128 || granted != self.granted as u128 {
+            return err(format!(
+                "grants say expired {expired} granted {granted}, wallet says {} {}",
+                self.expired, self.granted
+            ));
+        }
+        let mut hold_remaining = 0u128;
+        let mut draw_held: BTreeMap<u32, u128> = BTreeMap::new();
+        for (batch, h) in &self.holds {
+            if h.amount as u128 != h.settled as u128 + h.released as u128 + h.remaining() as u128 {
+                return err(format!("hold {batch}: arithmetic"));
+            }
+            let (mut s, mut r, mut a) = (0u64, 0u64, 0u64);
+            for d in &h.draws {
+                if d.settled + d.released > d.amount {
+                    return err(format!("hold {batch}: draw beyond its amount"));
+                }
+                s += d.settled;
+                r += d.released;
+                a += d.amount;
+                *draw_held.entry(d.grant).or_default() += d.remaining() as u128;
+            }
+            if (a, s, r) != (h.amount, h.settled, h.released) {
+                return err(format!("hold {batch}: draws disagree with the hold"));
+            }
+            let items_settled: u64 = h
+                .items
+                .values()
+                .filter(|m| m.settled)
+                .map(|m| m.amount)
+                .sum();
+            let items_released: u64 = h
+                .items
+                .values()
+                .filter(|m| !m.settled)
+                .map(|m| m.amount)
+                .sum();
+            if (items_settled, items_released) != (h.settled, h.released) {
+                return err(format!("hold {batch}: items disagree with the hold"));
+            }
+            hold_remaining += h.remaining() as u128;
+        }
+        if hold_remaining != self.held as u128 || held != self.held as u128 {
+            return err(format!(
+                "held {} but holds have {hold_remaining} and grants {held}",
+                self.held
+            ));
+        }
+        for (g, h) in &draw_held {
+            if self.grants[*g as usize - 1].held as u128 != *h {
+                return err(format!("grant {g}: held disagrees with the holds"));
+            }
+        }
+        if let Some(last) = self.ledger.last() {
+            if (last.available_after, last.held_after) != (self.available, self.held) {
+                return err("last ledger entry's balances are not the wallet's".into());
+            }
+        }
+        crate::engine::wallet::ledger::verify_chain(self.tenant, &self.ledger)
+            .or_else(|e| err(e.to_string()))
+    }
+
+    /// The statement for `[from_ms, to_ms)`, computed from the ledger alone.
+    pub fn statement(&self, from_ms: u64, to_ms: u64) -> Statement {
+        let mut st = Statement {
+            from_ms,
+            to_ms,
+            ..Statement::default()
+        };
+        for e in &self.ledger {
+            if e.at_ms < from_ms {
+                st.opening_available = e.available_after;
+                st.opening_held = e.held_after;
+                continue;
+            }
+            if e.at_ms >= to_ms {
+                break;
+            }
+            st.entries += 1;
+            match e.kind {
+                EntryKind::TopUp => st.top_ups += e.amount,
+                EntryKind::Hold => st.held += e.amount,
+                EntryKind::Settle => {
+                    st.settled += e.amount;
+                    if let Some(b) = e.batch {
+                        *st.settled_by_batch.entry(b).or_default() += e.amount;
+                    }
+                }
+                EntryKind::Release => st.released += e.amount,
+                EntryKind::Expire => st.expired += e.amount,
+                EntryKind::Adjust => {
+                    if e.negative {
+                        st.adjusted -= e.amount as i128;
+                    } else {
+                        st.adjusted += e.amount as i128;
+                    }
+                }
+            }
+            if e.kind == EntryKind::Settle {
+                for &(g, a) in &e.parts {
+                    *st.settled_by_grant.entry(g).or_default() += a;
+                }
+            }
+        }
+        // Closing = the last entry before `to_ms` (or the opening when there was none).
+        st.closing_available = st.opening_available;
+        st.closing_held = st.opening_held;
+        if let Some(e) = self.ledger.iter().rev().find(|e| e.at_ms < to_ms) {
+            st.closing_available = e.available_after;
+            st.closing_held = e.held_after;
+        }
+        st
+    }
+}
+
+/// A period's statement for one tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Statement {
+    /// Start of the period (inclusive), ms.
+    pub from_ms: u64,
+    /// End of the period (exclusive), ms.
+    pub to_ms: u64,
+    /// Balances before the period.
+    pub opening_available: u64,
+    pub opening_held: u64,
+    /// Movements in the period.
+    pub top_ups: u64,
+    pub held: u64,
+    pub settled: u64,
+    pub released: u64,
+    pub expired: u64,
+    pub adjusted: i128,
+    /// Settled credits per batch.
+    pub settled_by_batch: BTreeMap<BatchId, u64>,
+    /// Settled credits per grant: which grant paid for what.
+    pub settled_by_grant: BTreeMap<u32, u64>,
+    /// Balances at the end of the period.
+    pub closing_available: u64,
+    pub closing_held: u64,
+    /// Ledger entries in the period.
+    pub entries: u64,
+}
