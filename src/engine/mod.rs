@@ -142,7 +142,8 @@ pub struct Recovery {
 /// A wallet operation's acknowledged result.
 #[derive(Debug, Clone)]
 pub struct WalletOutcome {
-    /// Ledger entries made (a repeat returns the original's).
+    /// Ledger entries made, including expiries the command triggered first (a repeat
+    /// returns those and the original's entry).
     pub entries: Vec<LedgerEntry>,
     /// Balances right after the operation.
     pub balances: Balances,
@@ -281,6 +282,7 @@ impl Engine {
             state,
             wal: inner.wal.clone(),
             events_appended: Arc::clone(&inner.events_appended),
+            clock: Arc::clone(&inner.cfg.clock),
         };
         let capacity = inner.cfg.mailbox_capacity;
         WalletActor::start_in_arbiter(&inner.arbiters[idx], move |ctx| {
@@ -377,13 +379,7 @@ impl Engine {
         cmd: WalletCommand,
     ) -> Result<WalletOutcome, WalletError> {
         let addr = self.addr(tenant)?;
-        let done = addr
-            .send(Execute {
-                cmd,
-                now_ms: self.now_ms(),
-            })
-            .await
-            .map_err(unavailable)??;
+        let done = addr.send(Execute { cmd }).await.map_err(unavailable)??;
         match done.wait {
             Wait::Durable(d) => {
                 d.await.map_err(unavailable)?;

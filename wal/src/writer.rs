@@ -156,9 +156,13 @@ impl Shared {
                 max: self.payload_bytes_max,
             });
         }
-        // Checksum the payload before taking the lock; the header is combined in later.
-        let mut payload_crc = crc32fast::Hasher::new();
-        payload_crc.update(payload);
+        // Checksum a large payload before taking the lock (the header is combined in
+        // later); a small one is cheaper to checksum in one pass under the lock.
+        let payload_crc = (payload.len() > frame::CRC_COMBINE_BYTES_MIN).then(|| {
+            let mut h = crc32fast::Hasher::new();
+            h.update(payload);
+            h
+        });
         let frame_bytes = FRAME_HEADER_BYTES + payload.len();
         let (tx, rx) = oneshot::channel();
 
@@ -203,7 +207,7 @@ impl Shared {
             }
         }
         let piece = batch.pieces.last_mut().expect("a piece exists");
-        frame::encode_into(&mut piece.bytes, lsn, payload, &payload_crc);
+        frame::encode_into(&mut piece.bytes, lsn, payload, payload_crc.as_ref());
         batch.waiters.push(tx);
         batch.bytes += frame_bytes;
         batch.last_lsn = lsn;
@@ -245,6 +249,10 @@ impl Shared {
 
 /// Longest the writer spins for new work before parking on the condvar.
 const WRITER_SPIN_BEFORE_PARK: Duration = Duration::from_micros(50);
+/// The writer spins only after groups this small: with few appenders a park/unpark pair
+/// dominates their latency; with many, groups are large, the next group is already
+/// waiting, and spinning would only take a core from the appenders.
+const SPIN_AFTER_GROUP_APPENDS_MAX: usize = 4;
 
 /// One group's waiters and its outcome, handed from the writer to the completer.
 struct Completion {
@@ -352,6 +360,7 @@ impl Drop for Completer {
 pub(crate) fn run_writer(shared: Arc<Shared>, mut file: File, mut path: PathBuf) {
     let completer = Completer::start(shared.acked.clone());
     let mut in_flight = Batch::default();
+    let mut last_group_appends = 0usize;
     let mut unsynced = false;
     let mut last_sync = Instant::now();
     loop {
@@ -364,15 +373,23 @@ pub(crate) fn run_writer(shared: Arc<Shared>, mut file: File, mut path: PathBuf)
             if st.batch.appends() > 0 {
                 break;
             }
-            if !spun && !st.closing {
+            if !spun && !st.closing && last_group_appends <= SPIN_AFTER_GROUP_APPENDS_MAX {
                 // Parking costs a futex wake for the next appender and a thread wake-up
                 // (tens of µs on a busy VM) for us; an appender that just got its ack
                 // usually appends again within microseconds. Spin a bounded while first.
                 spun = true;
                 drop(st);
                 let until = Instant::now() + WRITER_SPIN_BEFORE_PARK;
-                while !shared.has_work.load(Ordering::Acquire) && Instant::now() < until {
-                    std::hint::spin_loop();
+                'spin: loop {
+                    for _ in 0..64 {
+                        if shared.has_work.load(Ordering::Acquire) {
+                            break 'spin;
+                        }
+                        std::hint::spin_loop();
+                    }
+                    if Instant::now() >= until {
+                        break;
+                    }
                 }
                 st = shared.lock();
                 continue;
@@ -421,6 +438,7 @@ pub(crate) fn run_writer(shared: Arc<Shared>, mut file: File, mut path: PathBuf)
         }
         std::mem::swap(&mut st.batch, &mut in_flight);
         shared.has_work.store(false, Ordering::Release);
+        last_group_appends = in_flight.appends();
         let wake = st.appenders_waiting > 0;
         drop(st);
         if wake {

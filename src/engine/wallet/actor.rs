@@ -35,6 +35,9 @@ pub struct WalletActor {
     pub(crate) wal: wal::Wal,
     /// Events appended by all wallets since start (drives periodic snapshots).
     pub(crate) events_appended: Arc<AtomicU64>,
+    /// Time source, read when a command is handled (not when it was sent), so the
+    /// ledger's times follow its order.
+    pub(crate) clock: Arc<dyn crate::engine::Clock>,
 }
 
 impl Actor for WalletActor {
@@ -62,13 +65,12 @@ impl WalletActor {
 pub struct Execute {
     /// The command.
     pub cmd: WalletCommand,
-    /// Engine clock at send time.
-    pub now_ms: u64,
 }
 
 /// A command's result before durability.
 pub struct Executed {
-    /// Ledger entries the command made (for a repeat: the original's entry).
+    /// Ledger entries the command made, including expiries it triggered first (for a
+    /// repeat: those expiries, then the original's entry).
     pub entries: Vec<LedgerEntry>,
     /// Balances right after.
     pub balances: Balances,
@@ -84,21 +86,28 @@ impl Handler<Execute> for WalletActor {
     type Result = Result<Executed, WalletError>;
 
     fn handle(&mut self, msg: Execute, _: &mut Context<Self>) -> Self::Result {
+        let now_ms = self.clock.now_ms().max(self.state.last_at_ms());
+        let before = self.state.ledger.len();
         let mut last = None;
         // Expire what is due first: facts in their own right, whatever the command's fate.
-        for ev in self.state.expiry_events(msg.now_ms) {
+        for ev in self.state.expiry_events(now_ms) {
             last = Some(self.record(ev)?);
         }
-        let before = self.state.ledger.len();
-        let wait = match self.state.decide(&msg.cmd, msg.now_ms)? {
+        let wait = match self.state.decide(&msg.cmd, now_ms)? {
             Decision::Repeat(seq) => {
-                let entry = seq.and_then(|s| self.state.entry(s).cloned());
-                let lsn = entry.as_ref().map_or(self.state.last_lsn, |e| e.lsn);
-                let balances = self.state.balances();
+                let original = seq.and_then(|s| self.state.entry(s).cloned());
+                let lsn = original.as_ref().map_or(self.state.last_lsn, |e| e.lsn);
+                let mut entries = self.state.ledger[before..].to_vec();
+                entries.extend(original);
                 return Ok(Executed {
-                    entries: entry.into_iter().collect(),
-                    balances,
-                    wait: Wait::Acked(lsn),
+                    entries,
+                    balances: self.state.balances(),
+                    // Expiries recorded just now are newer than the original: waiting for
+                    // them covers both.
+                    wait: match last {
+                        Some(d) => Wait::Durable(d),
+                        None => Wait::Acked(lsn),
+                    },
                 });
             }
             Decision::Record(events) => {

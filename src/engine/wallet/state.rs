@@ -352,6 +352,23 @@ impl WalletState {
         seq.checked_sub(1).and_then(|i| self.ledger.get(i as usize))
     }
 
+    /// Credits ever created (top-ups and upward adjustments) stay within `u64`, so every
+    /// figure bounded by them (available, held, spent, expired, debited) cannot overflow.
+    fn check_creation(&self, amount: u64) -> Result<(), WalletError> {
+        let created = self
+            .grants
+            .iter()
+            .try_fold(0u64, |acc, g| money::try_add(acc, g.amount))?;
+        money::try_add(created, amount)?;
+        Ok(())
+    }
+
+    /// The time of the last ledger entry: decisions never go back in time, so the ledger
+    /// is in time order and statements can cut it by time.
+    pub fn last_at_ms(&self) -> u64 {
+        self.ledger.last().map_or(0, |e| e.at_ms)
+    }
+
     /// Grant ids in draw order: soonest expiry, promotional first, oldest first.
     fn draw_order(&self) -> Vec<usize> {
         let mut idx: Vec<usize> = (0..self.grants.len())
@@ -427,8 +444,7 @@ impl WalletState {
                         key: "adjustment grants come only from adjustments".into(),
                     });
                 }
-                money::try_add(self.available, *amount)?;
-                money::try_add(self.granted, *amount)?;
+                self.check_creation(*amount)?;
                 let grant =
                     u32::try_from(self.grants.len() + 1).map_err(|_| WalletError::OutOfRange)?;
                 Ok(Decision::Record(vec![WalletEvent::Granted {
@@ -500,6 +516,13 @@ impl WalletState {
                         requested: *amount,
                     });
                 }
+                // Lifetime totals: `spent` is bounded by what was ever created (checked at
+                // creation), but `released` grows each time credits cycle through a hold.
+                if settle {
+                    money::try_add(self.spent, *amount)?;
+                } else {
+                    money::try_add(self.released, *amount)?;
+                }
                 let mut left = *amount;
                 let mut parts = Vec::new();
                 let order: Box<dyn Iterator<Item = &Draw>> = if settle {
@@ -561,7 +584,7 @@ impl WalletState {
                 }
                 let magnitude = delta.unsigned_abs();
                 let (grant, parts) = if *delta > 0 {
-                    money::try_add(self.available, magnitude)?;
+                    self.check_creation(magnitude)?;
                     self.adjusted
                         .checked_add(*delta)
                         .ok_or(WalletError::OutOfRange)?;
