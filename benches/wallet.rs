@@ -2,7 +2,8 @@
 //!
 //! Run: `cargo bench --bench wallet` (env `BENCH_SECS` per measurement, default 3;
 //! `BENCH_DIR` scratch directory on the disk under test, default `target/bench-scratch`;
-//! `BENCH_IDLE_TENANTS`, default 100000).
+//! `BENCH_IDLE_TENANTS`, default 100000; `BENCH_ARBITERS` overrides the arbiter count,
+//! default one per core).
 //!
 //! Measures, with 256 concurrent callers (tokio tasks on a 2-worker runtime):
 //! 1. the baseline: raw WAL appends (`sync`) of the wallet's mean record size;
@@ -129,6 +130,12 @@ fn hold_settle(
 ) -> Run {
     let mut cfg = EngineConfig::new(dir.join(name.replace([' ', ','], "-")));
     cfg.durability = durability;
+    if let Some(n) = std::env::var("BENCH_ARBITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.arbiters = n;
+    }
     cfg.snapshot_every_events = u64::MAX;
     cfg.snapshot_every_ms = u64::MAX;
     let (engine, _) = Engine::open(cfg).unwrap();
