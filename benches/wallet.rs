@@ -16,7 +16,6 @@
 //! is per operation, from the call to its acknowledgement.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -121,6 +120,46 @@ fn wal_baseline(dir: &std::path::Path, payload_len: usize) -> Run {
     }
 }
 
+/// Opens wallets 1..=`tenants` and gives each one top-up, from 256 concurrent tasks.
+fn open_and_grant(
+    rt: &tokio::runtime::Runtime,
+    engine: &Engine,
+    tenants: u128,
+    kind: GrantKind,
+    amount: u64,
+) {
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..CALLERS as u128)
+            .map(|c| {
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    let mut t = c;
+                    while t < tenants {
+                        let tenant = TenantId(t + 1);
+                        engine.open_wallet(tenant).await.unwrap();
+                        engine
+                            .execute(
+                                tenant,
+                                WalletCommand::Grant {
+                                    request_id: "setup".into(),
+                                    kind,
+                                    amount,
+                                    expires_at_ms: None,
+                                },
+                            )
+                            .await
+                            .unwrap();
+                        t += CALLERS as u128;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+}
+
 /// 256 callers doing hold+settle pairs over `tenants` tenants.
 fn hold_settle(
     dir: &std::path::Path,
@@ -140,36 +179,7 @@ fn hold_settle(
     cfg.snapshot_every_ms = u64::MAX;
     let (engine, _) = Engine::open(cfg).unwrap();
     let rt = runtime();
-    rt.block_on(async {
-        let setup: Vec<_> = (0..CALLERS as u128)
-            .map(|c| {
-                let engine = engine.clone();
-                tokio::spawn(async move {
-                    let mut t = c;
-                    while t < tenants {
-                        let tenant = TenantId(t + 1);
-                        engine.open_wallet(tenant).await.unwrap();
-                        engine
-                            .execute(
-                                tenant,
-                                WalletCommand::Grant {
-                                    request_id: "setup".into(),
-                                    kind: GrantKind::Paid,
-                                    amount: 1 << 50,
-                                    expires_at_ms: None,
-                                },
-                            )
-                            .await
-                            .unwrap();
-                        t += CALLERS as u128;
-                    }
-                })
-            })
-            .collect();
-        for s in setup {
-            s.await.unwrap();
-        }
-    });
+    open_and_grant(&rt, &engine, tenants, GrantKind::Paid, 1 << 50);
     let stats_before = engine.wal().stats();
     let (ops, hist, elapsed) = rt.block_on(async {
         let deadline = Instant::now() + secs();
@@ -241,39 +251,9 @@ fn idle_tenants(dir: &std::path::Path, n: u128) -> (f64, f64) {
     cfg.snapshot_every_events = u64::MAX;
     cfg.snapshot_every_ms = u64::MAX;
     let (engine, _) = Engine::open(cfg).unwrap();
-    let engine = Arc::new(engine);
     let rt = runtime();
     let before = rss_bytes();
-    rt.block_on(async {
-        let tasks: Vec<_> = (0..CALLERS as u128)
-            .map(|c| {
-                let engine = engine.clone();
-                tokio::spawn(async move {
-                    let mut t = c;
-                    while t < n {
-                        let tenant = TenantId(t + 1);
-                        engine.open_wallet(tenant).await.unwrap();
-                        engine
-                            .execute(
-                                tenant,
-                                WalletCommand::Grant {
-                                    request_id: "welcome".into(),
-                                    kind: GrantKind::Promotional,
-                                    amount: 100,
-                                    expires_at_ms: None,
-                                },
-                            )
-                            .await
-                            .unwrap();
-                        t += CALLERS as u128;
-                    }
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap();
-        }
-    });
+    open_and_grant(&rt, &engine, n, GrantKind::Promotional, 100);
     std::thread::sleep(Duration::from_millis(200));
     let after = rss_bytes();
     let per_tenant = (after.saturating_sub(before)) as f64 / n as f64;
@@ -291,6 +271,14 @@ fn main() {
         dir.display(),
         secs().as_secs_f64()
     );
+    // Memory first, while the process has freed nothing the allocator could reuse (a
+    // later phase would count recycled memory as free).
+    let n: u128 = std::env::var("BENCH_IDLE_TENANTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let (per_tenant, snap_s) = idle_tenants(&dir, n);
+    println!("idle tenants: {n}, resident growth {per_tenant:.0} bytes per tenant (target <= 2048); snapshot of them {snap_s:.2} s");
     // The wallet's records for hold and settle are about this size (measured below).
     let baseline = wal_baseline(&dir, 150);
     baseline.print();
@@ -315,12 +303,6 @@ fn main() {
         wal::Durability::None,
     );
     ceiling.print();
-    let n: u128 = std::env::var("BENCH_IDLE_TENANTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
-    let (per_tenant, snap_s) = idle_tenants(&dir, n);
-    println!("idle tenants: {n}, resident growth {per_tenant:.0} bytes per tenant (target <= 2048); snapshot of them {snap_s:.2} s");
     std::fs::remove_dir_all(&dir).ok();
     println!();
     println!(

@@ -28,26 +28,36 @@ pub enum JournalError {
     Invalid(String),
 }
 
-/// Encodes a record into a WAL payload.
-pub fn encode(record: &Record) -> Vec<u8> {
-    let archive =
-        rkyv::to_bytes::<rkyv::rancor::Error>(record).expect("serializing a record cannot fail");
+/// Puts the version header in front of an rkyv archive (records and snapshot images).
+pub(crate) fn with_header(archive: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(RECORD_HEADER_BYTES + archive.len());
     out.push(RECORD_VERSION);
     out.extend_from_slice(&[0u8; RECORD_HEADER_BYTES - 1]);
-    out.extend_from_slice(&archive);
+    out.extend_from_slice(archive);
     out
 }
 
-/// Decodes and validates a WAL payload (which must start 16-byte aligned).
-pub fn decode(payload: &[u8]) -> Result<Record, JournalError> {
+/// Checks the version header and returns the (still 16-byte aligned) archive behind it.
+pub(crate) fn archive_of(payload: &[u8]) -> Result<&[u8], JournalError> {
     if payload.len() < RECORD_HEADER_BYTES {
         return Err(JournalError::Short(payload.len()));
     }
     if payload[0] != RECORD_VERSION || payload[1..RECORD_HEADER_BYTES].iter().any(|&b| b != 0) {
         return Err(JournalError::Version(payload[0]));
     }
-    rkyv::from_bytes::<Record, rkyv::rancor::Error>(&payload[RECORD_HEADER_BYTES..])
+    Ok(&payload[RECORD_HEADER_BYTES..])
+}
+
+/// Encodes a record into a WAL payload.
+pub fn encode(record: &Record) -> Vec<u8> {
+    let archive =
+        rkyv::to_bytes::<rkyv::rancor::Error>(record).expect("serializing a record cannot fail");
+    with_header(&archive)
+}
+
+/// Decodes and validates a WAL payload (which must start 16-byte aligned).
+pub fn decode(payload: &[u8]) -> Result<Record, JournalError> {
+    rkyv::from_bytes::<Record, rkyv::rancor::Error>(archive_of(payload)?)
         .map_err(|e| JournalError::Invalid(e.to_string()))
 }
 

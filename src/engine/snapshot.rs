@@ -8,7 +8,7 @@
 //! written only after every captured LSN is acknowledged, so it never holds a change the
 //! log could lose.
 
-use crate::engine::journal::{JournalError, RECORD_HEADER_BYTES, RECORD_VERSION};
+use crate::engine::journal::{archive_of, with_header, JournalError};
 use crate::engine::wallet::state::WalletState;
 
 /// The engine's state at a point in the log.
@@ -24,21 +24,11 @@ pub struct EngineImage {
 pub fn encode(image: &EngineImage) -> Vec<u8> {
     let archive =
         rkyv::to_bytes::<rkyv::rancor::Error>(image).expect("serializing an image cannot fail");
-    let mut out = Vec::with_capacity(RECORD_HEADER_BYTES + archive.len());
-    out.push(RECORD_VERSION);
-    out.extend_from_slice(&[0u8; RECORD_HEADER_BYTES - 1]);
-    out.extend_from_slice(&archive);
-    out
+    with_header(&archive)
 }
 
 /// Decodes and validates an image (payload 16-byte aligned).
 pub fn decode(payload: &[u8]) -> Result<EngineImage, JournalError> {
-    if payload.len() < RECORD_HEADER_BYTES {
-        return Err(JournalError::Short(payload.len()));
-    }
-    if payload[0] != RECORD_VERSION {
-        return Err(JournalError::Version(payload[0]));
-    }
-    rkyv::from_bytes::<EngineImage, rkyv::rancor::Error>(&payload[RECORD_HEADER_BYTES..])
+    rkyv::from_bytes::<EngineImage, rkyv::rancor::Error>(archive_of(payload)?)
         .map_err(|e| JournalError::Invalid(e.to_string()))
 }
