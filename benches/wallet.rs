@@ -77,29 +77,18 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn wal_baseline(dir: &std::path::Path, payload_len: usize) -> Run {
-    let (wal, _) = wal::Wal::open(dir.join("baseline"), wal::Options::default()).unwrap();
-    let rt = runtime();
-    let payload = vec![0x42u8; payload_len];
-    let (ops, hist, elapsed) = rt.block_on(async {
+/// Runs `CALLERS` tasks until the deadline; each returns (operations, latency histogram).
+/// Returns the total operations, the merged histogram and the elapsed seconds.
+fn drive<F, Fut>(rt: &tokio::runtime::Runtime, caller: F) -> (u64, Histogram<u64>, f64)
+where
+    F: Fn(usize, Instant) -> Fut,
+    Fut: std::future::Future<Output = (u64, Histogram<u64>)> + Send + 'static,
+{
+    rt.block_on(async {
         let deadline = Instant::now() + secs();
         let start = Instant::now();
         let tasks: Vec<_> = (0..CALLERS)
-            .map(|_| {
-                let wal = wal.clone();
-                let payload = payload.clone();
-                tokio::spawn(async move {
-                    let mut h = Histogram::<u64>::new(3).unwrap();
-                    let mut n = 0u64;
-                    while Instant::now() < deadline {
-                        let t0 = Instant::now();
-                        wal.append(&payload).unwrap().await.unwrap();
-                        h.record(t0.elapsed().as_nanos() as u64).unwrap();
-                        n += 1;
-                    }
-                    (n, h)
-                })
-            })
+            .map(|c| tokio::spawn(caller(c, deadline)))
             .collect();
         let mut hist = Histogram::<u64>::new(3).unwrap();
         let mut ops = 0;
@@ -109,6 +98,27 @@ fn wal_baseline(dir: &std::path::Path, payload_len: usize) -> Run {
             hist.add(h).unwrap();
         }
         (ops, hist, start.elapsed().as_secs_f64())
+    })
+}
+
+fn wal_baseline(dir: &std::path::Path, payload_len: usize) -> Run {
+    let (wal, _) = wal::Wal::open(dir.join("baseline"), wal::Options::default()).unwrap();
+    let rt = runtime();
+    let payload = vec![0x42u8; payload_len];
+    let (ops, hist, elapsed) = drive(&rt, |_, deadline| {
+        let wal = wal.clone();
+        let payload = payload.clone();
+        async move {
+            let mut h = Histogram::<u64>::new(3).unwrap();
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                wal.append(&payload).unwrap().await.unwrap();
+                h.record(t0.elapsed().as_nanos() as u64).unwrap();
+                n += 1;
+            }
+            (n, h)
+        }
     });
     let bytes = wal.stats().bytes_written as f64 / ops.max(1) as f64;
     Run {
@@ -181,53 +191,34 @@ fn hold_settle(
     let rt = runtime();
     open_and_grant(&rt, &engine, tenants, GrantKind::Paid, 1 << 50);
     let stats_before = engine.wal().stats();
-    let (ops, hist, elapsed) = rt.block_on(async {
-        let deadline = Instant::now() + secs();
-        let start = Instant::now();
-        let tasks: Vec<_> = (0..CALLERS)
-            .map(|c| {
-                let engine = engine.clone();
-                tokio::spawn(async move {
-                    let mut h = Histogram::<u64>::new(3).unwrap();
-                    let mut n = 0u64;
-                    let mut k = 0u128;
-                    while Instant::now() < deadline {
-                        let tenant = TenantId((c as u128 + k * CALLERS as u128) % tenants + 1);
-                        let batch = BatchId(((c as u128) << 64) | k);
-                        k += 1;
-                        let t0 = Instant::now();
-                        engine
-                            .execute(tenant, WalletCommand::Hold { batch, amount: 10 })
-                            .await
-                            .unwrap();
-                        let t1 = Instant::now();
-                        engine
-                            .execute(
-                                tenant,
-                                WalletCommand::Settle {
-                                    batch,
-                                    item: 0,
-                                    amount: 10,
-                                },
-                            )
-                            .await
-                            .unwrap();
-                        h.record((t1 - t0).as_nanos() as u64).unwrap();
-                        h.record(t1.elapsed().as_nanos() as u64).unwrap();
-                        n += 2;
-                    }
-                    (n, h)
-                })
-            })
-            .collect();
-        let mut hist = Histogram::<u64>::new(3).unwrap();
-        let mut ops = 0;
-        for t in tasks {
-            let (n, h) = t.await.unwrap();
-            ops += n;
-            hist.add(h).unwrap();
+    let (ops, hist, elapsed) = drive(&rt, |c, deadline| {
+        let engine = engine.clone();
+        async move {
+            let mut h = Histogram::<u64>::new(3).unwrap();
+            let mut n = 0u64;
+            let mut k = 0u128;
+            while Instant::now() < deadline {
+                let tenant = TenantId((c as u128 + k * CALLERS as u128) % tenants + 1);
+                let batch = BatchId(((c as u128) << 64) | k);
+                k += 1;
+                let t0 = Instant::now();
+                engine
+                    .execute(tenant, WalletCommand::Hold { batch, amount: 10 })
+                    .await
+                    .unwrap();
+                let t1 = Instant::now();
+                let settle = WalletCommand::Settle {
+                    batch,
+                    item: 0,
+                    amount: 10,
+                };
+                engine.execute(tenant, settle).await.unwrap();
+                h.record((t1 - t0).as_nanos() as u64).unwrap();
+                h.record(t1.elapsed().as_nanos() as u64).unwrap();
+                n += 2;
+            }
+            (n, h)
         }
-        (ops, hist, start.elapsed().as_secs_f64())
     });
     let stats = engine.wal().stats();
     let bytes = (stats.bytes_written - stats_before.bytes_written) as f64

@@ -297,6 +297,11 @@ impl Engine {
         let handle = std::thread::Builder::new()
             .name("engine-snapshots".into())
             .spawn(move || {
+                // One small runtime for the thread's life: the snapshot future is
+                // runtime-agnostic, it only needs something to drive it.
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
+                    return;
+                };
                 while !stop.load(Ordering::Acquire) {
                     std::thread::sleep(Duration::from_millis(50));
                     let Some(inner) = weak.upgrade() else { return };
@@ -304,7 +309,7 @@ impl Engine {
                     if engine.snapshot_due() {
                         // A failed snapshot is retried at the next tick; the log still
                         // holds everything, so nothing is lost, only startup gets slower.
-                        let _ = futures_lite_block_on(engine.snapshot_now());
+                        let _ = rt.block_on(engine.snapshot_now());
                     }
                 }
             })
@@ -587,13 +592,4 @@ fn start_system(
         .recv()
         .map_err(|_| EngineError::System("actix system thread died at start".into()))?;
     Ok((system, handles, thread))
-}
-
-/// Drives a future to completion on the current thread (the snapshot ticker has no
-/// runtime of its own; the futures it drives are runtime-agnostic).
-fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("a current-thread runtime starts")
-        .block_on(f)
 }
