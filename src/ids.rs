@@ -104,6 +104,42 @@ prefixed_id!(
     BatchId,
     "bat_"
 );
+prefixed_id!(
+    /// A stored video (one succeeded item's output).
+    VideoId,
+    "vid_"
+);
+
+/// An item's id: `itm_` + its batch's 26 characters + the 0-based index in 7 characters,
+/// so item ids sort by batch, then index, and need no table to resolve.
+pub fn item_id(batch: BatchId, index: u32) -> String {
+    let mut s = String::with_capacity(4 + 26 + 7);
+    s.push_str("itm_");
+    s.push_str(&encode(batch.0));
+    for i in 0..7 {
+        s.push(ALPHABET[((index as u64 >> (30 - 5 * i)) & 31) as usize] as char);
+    }
+    s
+}
+
+/// The (batch, index) of an item id.
+pub fn parse_item_id(s: &str) -> Result<(BatchId, u32), InvalidId> {
+    let rest = s.strip_prefix("itm_").ok_or(InvalidId)?;
+    if rest.len() != 33 || !rest.is_ascii() {
+        return Err(InvalidId);
+    }
+    let batch = decode(&rest[..26]).ok_or(InvalidId)?;
+    let mut index: u64 = 0;
+    for c in rest[26..].bytes() {
+        let d = ALPHABET
+            .iter()
+            .position(|&a| a == c.to_ascii_uppercase())
+            .ok_or(InvalidId)? as u64;
+        index = (index << 5) | d;
+    }
+    let index = u32::try_from(index).map_err(|_| InvalidId)?;
+    Ok((BatchId(batch), index))
+}
 
 #[cfg(test)]
 mod tests {
@@ -128,5 +164,14 @@ mod tests {
             .parse::<TenantId>()
             .is_err());
         assert!("ten_0000".parse::<TenantId>().is_err());
+        let b = BatchId::generate(1_700_000_000_000);
+        for i in [0u32, 1, 31, 32, 9_999, u32::MAX] {
+            let id = item_id(b, i);
+            assert_eq!(id.len(), 4 + 26 + 7);
+            assert_eq!(parse_item_id(&id), Ok((b, i)));
+        }
+        assert!(item_id(b, 2) < item_id(b, 10));
+        assert!(parse_item_id("itm_").is_err());
+        assert!(parse_item_id(&format!("itm_{}ZZZZZZZ", &b.to_string()[4..])).is_err());
     }
 }

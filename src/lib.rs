@@ -17,9 +17,11 @@
 //! `D/snapshots/<20-digit LSN>.snap` snapshots.
 
 pub mod cli;
+pub mod delivery;
 pub mod engine;
 pub mod ids;
 pub mod money;
+pub mod providers;
 
 use std::path::{Path, PathBuf};
 

@@ -1,7 +1,8 @@
 //! Every record the WAL holds: one enum, versioned by the journal header.
 
+use crate::engine::batch::state::BatchEvent;
 use crate::engine::wallet::state::WalletEvent;
-use crate::ids::TenantId;
+use crate::ids::{BatchId, TenantId};
 
 /// A WAL record. New variants are added at the end; changing an existing variant's shape
 /// needs a new `RECORD_VERSION` and a reader for the old one.
@@ -12,4 +13,6 @@ pub enum Record {
         tenant: TenantId,
         event: WalletEvent,
     },
+    /// A fact about one batch.
+    Batch { batch: BatchId, event: BatchEvent },
 }

@@ -9,22 +9,26 @@
 //! none, can drive them. `engine-snapshots` is a thread that snapshots by event count and by
 //! time.
 
+pub mod batch;
 pub mod events;
 pub mod journal;
+pub mod scheduler;
 pub mod snapshot;
 pub mod wallet;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr};
 
+use crate::engine::batch::state::{BatchEvent, BatchState};
+use crate::engine::batch::{BatchConfig, BatchCtx};
 use crate::engine::events::Record;
 use crate::engine::snapshot::EngineImage;
-use crate::engine::wallet::actor::{Execute, Read, ReadAnswer, Wait, WalletActor};
+use crate::engine::wallet::actor::{Read, ReadAnswer, WalletActor};
 use crate::engine::wallet::ledger::LedgerEntry;
 use crate::engine::wallet::state::{
     Balances, Statement, WalletCommand, WalletError, WalletEvent, WalletState,
@@ -83,6 +87,8 @@ pub struct EngineConfig {
     pub clock: Arc<dyn Clock>,
     /// Fault injection on the WAL write path (tests, fault campaigns).
     pub faults: Option<Arc<wal::FaultInjector>>,
+    /// Batches: prices, providers, attempts, the video store.
+    pub batch: BatchConfig,
 }
 
 impl EngineConfig {
@@ -100,6 +106,7 @@ impl EngineConfig {
             arbiters: std::thread::available_parallelism().map_or(2, |n| n.get()),
             clock: Arc::new(SystemClock),
             faults: None,
+            batch: BatchConfig::default(),
         }
     }
 }
@@ -122,6 +129,12 @@ pub enum EngineError {
     /// A wallet refused or failed an operation.
     #[error(transparent)]
     Wallet(#[from] WalletError),
+    /// The video store could not be opened.
+    #[error(transparent)]
+    Store(#[from] crate::delivery::store::StoreError),
+    /// A batch operation failed.
+    #[error(transparent)]
+    Batch(#[from] crate::engine::batch::BatchError),
 }
 
 /// What startup found.
@@ -137,6 +150,8 @@ pub struct Recovery {
     pub events_replayed: u64,
     /// Wallets in memory after recovery.
     pub wallets: usize,
+    /// Batches recovered (active and finished).
+    pub batches: usize,
 }
 
 /// A wallet operation's acknowledged result.
@@ -163,6 +178,10 @@ struct Inner {
     stop_ticker: Arc<AtomicBool>,
     ticker: Mutex<Option<std::thread::JoinHandle<()>>>,
     stopped: AtomicBool,
+    /// Batch actors' shared parts (set once at open).
+    batches: OnceLock<Arc<BatchCtx>>,
+    /// The runtime attempts and the scheduler run on (taken at shutdown).
+    workers: Mutex<Option<tokio::runtime::Runtime>>,
 }
 
 /// The engine handle; clones share it.
@@ -192,6 +211,7 @@ impl Engine {
         )?;
 
         let mut states: HashMap<TenantId, WalletState> = HashMap::new();
+        let mut batches: HashMap<crate::ids::BatchId, BatchState> = HashMap::new();
         let mut snapshot_lsn = None;
         let mut from = 1;
         if let Some(snap) = &lookup.snapshot {
@@ -208,6 +228,9 @@ impl Engine {
             }
             for w in image.wallets {
                 states.insert(w.tenant, w);
+            }
+            for b in image.batches {
+                batches.insert(b.id, b);
             }
             snapshot_lsn = Some(snap.lsn);
             from = snap.lsn + 1;
@@ -236,9 +259,55 @@ impl Engine {
                         replayed += 1;
                     }
                 }
+                Record::Batch { batch, event } => match event {
+                    BatchEvent::Created {
+                        tenant,
+                        spec,
+                        at_ms,
+                    } => {
+                        if let std::collections::hash_map::Entry::Vacant(v) = batches.entry(batch) {
+                            v.insert(BatchState::created(batch, tenant, *spec, at_ms, lsn));
+                            replayed += 1;
+                        }
+                    }
+                    // A rejected batch is dropped; one already gone (not in a fuzzy
+                    // snapshot because it was dropped before the capture) is skipped.
+                    BatchEvent::Rejected { .. } => {
+                        if batches.get(&batch).is_some_and(|s| lsn > s.last_lsn) {
+                            batches.remove(&batch);
+                            replayed += 1;
+                        }
+                    }
+                    event => {
+                        let state = batches.get_mut(&batch).ok_or_else(|| EngineError::Record {
+                            lsn,
+                            reason: format!("event for unknown batch {batch}"),
+                        })?;
+                        if lsn > state.last_lsn {
+                            state.apply(&event, lsn);
+                            replayed += 1;
+                        }
+                    }
+                },
             }
         }
 
+        // Holds of batches still running: which items' money the wallet already has.
+        let holds: HashMap<crate::ids::BatchId, wallet::state::Hold> = batches
+            .values()
+            .filter(|b| !matches!(b.phase, batch::state::Phase::Finished { .. }))
+            .filter_map(|b| {
+                let h = states.get(&b.tenant)?.holds.get(&b.id)?;
+                Some((b.id, h.clone()))
+            })
+            .collect();
+        let store = crate::delivery::store::VideoStore::open(&cfg.batch.store_url, &cfg.data_dir)?;
+        let workers = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cfg.arbiters.max(1))
+            .thread_name("engine-worker")
+            .enable_all()
+            .build()
+            .map_err(|e| EngineError::System(e.to_string()))?;
         let (system, arbiters, system_thread) = start_system(cfg.arbiters.max(1))?;
         let events_appended = Arc::new(AtomicU64::new(0));
         let wallets_n = states.len();
@@ -255,6 +324,8 @@ impl Engine {
             stop_ticker: Arc::new(AtomicBool::new(false)),
             ticker: Mutex::new(None),
             stopped: AtomicBool::new(false),
+            batches: OnceLock::new(),
+            workers: Mutex::new(None),
             cfg,
         });
         let engine = Engine { inner };
@@ -264,6 +335,33 @@ impl Engine {
                 dir.insert(tenant, engine.start_actor(state));
             }
         }
+        let scheduler = scheduler::Scheduler::new(
+            engine
+                .inner
+                .cfg
+                .batch
+                .providers
+                .providers
+                .iter()
+                .map(|(n, r)| (n.clone(), r.concurrency_max)),
+        );
+        workers.spawn(Arc::clone(&scheduler).run());
+        let ctx = Arc::new(BatchCtx {
+            wal: engine.inner.wal.clone(),
+            events_appended: Arc::clone(&engine.inner.events_appended),
+            clock: Arc::clone(&engine.inner.cfg.clock),
+            scheduler,
+            providers: engine.inner.cfg.batch.providers.clone(),
+            store,
+            workers: workers.handle().clone(),
+            cfg: engine.inner.cfg.batch.exec.clone(),
+            dir: Arc::new(batch::Directory::default()),
+            anomalies: AtomicU64::new(0),
+        });
+        let _ = engine.inner.batches.set(ctx);
+        *engine.inner.workers.lock().expect("not poisoned") = Some(workers);
+        let batches_n = batches.len();
+        batch::restore(&engine, batches, &holds)?;
         engine.start_ticker();
         let recovery = Recovery {
             wal: report,
@@ -271,6 +369,7 @@ impl Engine {
             snapshots_skipped: lookup.skipped.len(),
             events_replayed: replayed,
             wallets: wallets_n,
+            batches: batches_n,
         };
         Ok((engine, recovery))
     }
@@ -384,17 +483,8 @@ impl Engine {
         cmd: WalletCommand,
     ) -> Result<WalletOutcome, WalletError> {
         let addr = self.addr(tenant)?;
-        let done = addr.send(Execute { cmd }).await.map_err(unavailable)??;
-        match done.wait {
-            Wait::Durable(d) => {
-                d.await.map_err(unavailable)?;
-            }
-            Wait::Acked(lsn) => self.inner.wal.wait_acked(lsn).await.map_err(unavailable)?,
-        }
-        Ok(WalletOutcome {
-            entries: done.entries,
-            balances: done.balances,
-        })
+        let (entries, balances) = wallet::actor::execute(&addr, &self.inner.wal, cmd).await?;
+        Ok(WalletOutcome { entries, balances })
     }
 
     async fn read(&self, tenant: TenantId, read: Read) -> Result<ReadAnswer, WalletError> {
@@ -509,11 +599,18 @@ impl Engine {
         // Read before any capture: every event at or below it is in the captured states.
         let covered_lsn = i.wal.next_lsn() - 1;
         let wallets = self.capture_all().await?;
-        let newest = wallets.iter().map(|w| w.last_lsn).max().unwrap_or(0);
+        let batches = self.capture_batches().await?;
+        let newest = wallets
+            .iter()
+            .map(|w| w.last_lsn)
+            .chain(batches.iter().map(|b| b.last_lsn))
+            .max()
+            .unwrap_or(0);
         i.wal.wait_acked(newest.max(covered_lsn)).await?;
         let bytes = snapshot::encode(&EngineImage {
             covered_lsn,
             wallets,
+            batches,
         });
         let snap_dir = crate::snapshot_dir(&i.cfg.data_dir);
         wal::write_snapshot(&snap_dir, covered_lsn, &bytes)?;
@@ -547,6 +644,9 @@ impl Engine {
         if let Some(t) = thread {
             let _ = t.join();
         }
+        if let Some(rt) = i.workers.lock().expect("not poisoned").take() {
+            rt.shutdown_background();
+        }
         snap?;
         closed?;
         Ok(())
@@ -559,6 +659,9 @@ impl Drop for Inner {
         self.system.stop();
         if let Some(t) = self.system_thread.lock().ok().and_then(|mut g| g.take()) {
             let _ = t.join();
+        }
+        if let Some(rt) = self.workers.lock().ok().and_then(|mut g| g.take()) {
+            rt.shutdown_background();
         }
     }
 }

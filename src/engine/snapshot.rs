@@ -8,6 +8,7 @@
 //! written only after every captured LSN is acknowledged, so it never holds a change the
 //! log could lose.
 
+use crate::engine::batch::state::BatchState;
 use crate::engine::journal::{archive_of, with_header, JournalError};
 use crate::engine::wallet::state::WalletState;
 
@@ -18,6 +19,8 @@ pub struct EngineImage {
     pub covered_lsn: u64,
     /// All wallets (each with its own `last_lsn`).
     pub wallets: Vec<WalletState>,
+    /// All batches, active and finished (each with its own `last_lsn`).
+    pub batches: Vec<BatchState>,
 }
 
 /// Encodes an image.

@@ -54,7 +54,9 @@ impl WalletActor {
             .wal
             .append(&journal::encode(&record))
             .map_err(|e| WalletError::Unavailable(e.to_string()))?;
-        let Record::Wallet { event, .. } = record;
+        let Record::Wallet { event, .. } = record else {
+            unreachable!("built above")
+        };
         self.state.apply(&event, durable.lsn());
         self.events_appended.fetch_add(1, Ordering::Relaxed);
         Ok(durable)
@@ -176,4 +178,25 @@ impl Handler<Read> for WalletActor {
         };
         actix::MessageResult((answer, s.last_lsn))
     }
+}
+
+/// Sends `cmd` to a wallet actor and waits until its outcome is acknowledged (durable):
+/// the one path every caller (HTTP, batch actors) takes to move credits.
+pub(crate) async fn execute(
+    addr: &actix::Addr<WalletActor>,
+    wal: &wal::Wal,
+    cmd: WalletCommand,
+) -> Result<(Vec<LedgerEntry>, Balances), WalletError> {
+    let unavailable = |e: &dyn std::fmt::Display| WalletError::Unavailable(e.to_string());
+    let done = addr
+        .send(Execute { cmd })
+        .await
+        .map_err(|e| unavailable(&e))??;
+    match done.wait {
+        Wait::Durable(d) => {
+            d.await.map_err(|e| unavailable(&e))?;
+        }
+        Wait::Acked(lsn) => wal.wait_acked(lsn).await.map_err(|e| unavailable(&e))?,
+    }
+    Ok((done.entries, done.balances))
 }

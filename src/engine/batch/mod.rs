@@ -1,0 +1,886 @@
+//! Batches (SPEC §3, §4): templates and prices, one actor per active batch, the attempts
+//! it runs, and the engine operations the HTTP layer calls (quote, create, read, list,
+//! cancel, retry-failed).
+//!
+//! - `template.rs` grammar, checked count, prompt `i` from `i` alone
+//! - `pricing.rs`  params and the price table
+//! - `state.rs`    spec, item/batch state machines, events, `apply`, invariants
+//! - `actor.rs`    the per-batch actor: hold, dispatch, outcomes, money, finish
+//! - `attempt.rs`  one attempt as a task: submit, durable job id, poll, fetch, store
+//!
+//! The directory (`Directory`) maps batch ids to live actors or to finished states, and
+//! request ids to batches (a repeat of a creation returns the same batch).
+
+pub mod actor;
+pub mod attempt;
+pub mod pricing;
+pub mod state;
+pub mod template;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use actix::{Actor, Addr};
+use sha2::{Digest, Sha256};
+
+use crate::delivery::store::VideoStore;
+use crate::engine::batch::actor::{
+    AwaitAccepted, AwaitFinished, BatchActor, Cancel, Read, ReadAnswer,
+};
+use crate::engine::batch::pricing::{Params, PriceError, PriceTable};
+use crate::engine::batch::state::{
+    BatchEvent, BatchSpec, BatchState, BatchStatus, Counts, Failure, ItemStatus, Phase,
+    StoredOutput,
+};
+use crate::engine::batch::template::{Expansion, TemplateError, TemplateLimits};
+use crate::engine::events::Record;
+use crate::engine::scheduler::Scheduler;
+use crate::engine::wallet::state::{Hold, WalletError};
+use crate::engine::{journal, Clock, Engine};
+use crate::ids::{BatchId, TenantId};
+use crate::providers::Registry;
+
+/// How attempts run. Every bound is here, with its default.
+#[derive(Debug, Clone)]
+pub struct ExecConfig {
+    /// Attempts per item (SPEC §12 default 3, so `[flaky]` succeeds).
+    pub attempts_max: u32,
+    /// First retry delay; doubles per attempt (with jitter).
+    pub backoff_base_ms: u64,
+    /// Longest retry delay (also caps a provider's `Retry-After`).
+    pub backoff_max_ms: u64,
+    /// Deadline of one attempt, submit to stored output.
+    pub attempt_timeout_ms: u64,
+    /// Throttle after a 429 without `Retry-After`.
+    pub throttle_default_ms: u64,
+    /// 429s one item may see before it fails `provider.rate_limited`.
+    pub throttles_max: u32,
+    /// Failed polls of one running job before the attempt gives up.
+    pub poll_errors_max: u32,
+    /// Pause before resending a settle/release or hold the log could not take.
+    pub money_retry_ms: u64,
+    /// How often an active batch checks its expiry.
+    pub expiry_check_ms: u64,
+}
+
+impl Default for ExecConfig {
+    fn default() -> Self {
+        ExecConfig {
+            attempts_max: 3,
+            backoff_base_ms: 1_000,
+            backoff_max_ms: 60_000,
+            attempt_timeout_ms: 15 * 60 * 1000,
+            throttle_default_ms: 5_000,
+            throttles_max: 50,
+            poll_errors_max: 5,
+            money_retry_ms: 1_000,
+            expiry_check_ms: 1_000,
+        }
+    }
+}
+
+/// Batch settings of the engine.
+#[derive(Clone)]
+pub struct BatchConfig {
+    /// Attempts.
+    pub exec: ExecConfig,
+    /// Unit prices.
+    pub prices: PriceTable,
+    /// Template bounds.
+    pub template_limits: TemplateLimits,
+    /// Providers with their concurrency limits.
+    pub providers: Registry,
+    /// Video store URL (`""`: `D/videos`).
+    pub store_url: String,
+    /// `expires_in` when none is given (SPEC §3: 24 h).
+    pub expires_in_s_default: u64,
+    /// Largest `expires_in` accepted.
+    pub expires_in_s_max: u64,
+    /// Prompts shown in a quote.
+    pub sample_prompts: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            exec: ExecConfig::default(),
+            prices: PriceTable::default(),
+            template_limits: TemplateLimits::default(),
+            providers: Registry::simulated(Default::default(), 1_000),
+            store_url: String::new(),
+            expires_in_s_default: 24 * 3600,
+            expires_in_s_max: 30 * 24 * 3600,
+            sample_prompts: 5,
+        }
+    }
+}
+
+/// What a tenant's plan allows a batch (the HTTP layer maps the plan onto it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanLimits {
+    /// Items in one batch.
+    pub max_items_per_batch: u64,
+    /// Attempts in flight for the tenant.
+    pub concurrency: u32,
+    /// Downloads must be watermarked (make the watermarked rendition).
+    pub watermark: bool,
+}
+
+/// A batch creation or quote request (SPEC §11 body).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchRequest {
+    /// The template.
+    pub template: String,
+    /// name → values.
+    pub variables: Vec<(String, Vec<String>)>,
+    /// Generation parameters.
+    pub params: Params,
+    /// Client's request id: a repeat returns the same batch.
+    pub request_id: Option<String>,
+    /// Seconds until items not started fail `batch.expired`.
+    pub expires_in_s: Option<u64>,
+}
+
+/// A quote (SPEC §11 `POST /v1/batches/quote`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quote {
+    /// Items.
+    pub items: u64,
+    /// Credits per item.
+    pub unit_price: u64,
+    /// Credits for the batch.
+    pub total: u64,
+    /// The first prompts.
+    pub sample_prompts: Vec<String>,
+}
+
+/// Why a batch operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    /// The template is malformed or too large.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// A parameter the price table does not offer.
+    #[error(transparent)]
+    Price(#[from] PriceError),
+    /// Another invalid field.
+    #[error("{0}")]
+    Invalid(String),
+    /// The pre-check failed: nothing was held and the batch does not exist.
+    #[error("insufficient credits: {available} available, {needed} needed")]
+    InsufficientCredits { available: u64, needed: u64 },
+    /// No such batch for this tenant (or no wallet).
+    #[error("not found")]
+    NotFound,
+    /// The request id was used with a different request.
+    #[error("request id {0:?} was already used with a different request")]
+    KeyReused(String),
+    /// `retry-failed` on a batch without failed items.
+    #[error("the batch has no failed items to retry")]
+    NothingToRetry,
+    /// The log refused a write: nothing was acknowledged.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl BatchError {
+    /// The stable code clients see (SPEC §11).
+    pub fn code(&self) -> &'static str {
+        match self {
+            BatchError::Template(t) => t.code(),
+            BatchError::Price(_) | BatchError::Invalid(_) | BatchError::NothingToRetry => {
+                "invalid_request"
+            }
+            BatchError::InsufficientCredits { .. } => "insufficient_credits",
+            BatchError::NotFound => "not_found",
+            BatchError::KeyReused(_) => "idempotency_key_reused",
+            BatchError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+/// A batch as clients read it (SPEC §11).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchView {
+    pub id: BatchId,
+    pub tenant: TenantId,
+    pub status: BatchStatus,
+    /// Credits per item.
+    pub unit_price: u64,
+    /// Credits held at creation (`counts.total × unit_price`).
+    pub total: u64,
+    pub counts: Counts,
+    /// Credits held for the batch at creation (= `total`).
+    pub held: u64,
+    /// Credits settled (succeeded items).
+    pub settled: u64,
+    /// Credits released (failed, expired and canceled items).
+    pub released: u64,
+    /// Credits still held (`held - settled - released`).
+    pub remaining: u64,
+    pub cancel_requested: bool,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub finished_at_ms: Option<u64>,
+    pub template: String,
+    pub params: Params,
+    pub provider: String,
+    pub request_id: Option<String>,
+    pub retry_of: Option<BatchId>,
+}
+
+impl BatchView {
+    pub(crate) fn of(s: &BatchState, counts: Counts, settled: u64, released: u64) -> Self {
+        let (settled, released, finished_at_ms) = match s.phase {
+            Phase::Finished {
+                settled,
+                released,
+                at_ms,
+                ..
+            } => (settled, released, Some(at_ms)),
+            _ => (settled, released, None),
+        };
+        let held = s.spec.total();
+        BatchView {
+            id: s.id,
+            tenant: s.tenant,
+            status: s.status(),
+            unit_price: s.spec.unit_price,
+            total: held,
+            counts,
+            held,
+            settled,
+            released,
+            remaining: held - settled - released,
+            cancel_requested: s.cancel_requested,
+            created_at_ms: s.created_at_ms,
+            expires_at_ms: s.spec.expires_at_ms,
+            finished_at_ms,
+            template: s.spec.template.clone(),
+            params: s.spec.params.clone(),
+            provider: s.spec.provider.clone(),
+            request_id: s.spec.request_id.clone(),
+            retry_of: s.spec.retry_of,
+        }
+    }
+}
+
+/// An item as clients read it (SPEC §11).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemView {
+    /// `itm_…`.
+    pub id: String,
+    /// 0-based.
+    pub index: u32,
+    pub prompt: String,
+    pub status: ItemStatus,
+    /// For failed items (and the last transient failure of a pending one).
+    pub failure: Option<Failure>,
+    pub attempts: u32,
+    /// For succeeded items.
+    pub output: Option<StoredOutput>,
+}
+
+impl ItemView {
+    pub(crate) fn page(
+        s: &BatchState,
+        expansion: &Expansion,
+        from: u32,
+        limit: u32,
+        in_flight: impl Fn(u32) -> bool,
+    ) -> Vec<ItemView> {
+        let end = (from as u64 + limit as u64).min(s.items.len() as u64) as u32;
+        (from.min(end)..end)
+            .map(|i| {
+                let it = &s.items[i as usize];
+                let status = match it.status {
+                    ItemStatus::Pending if in_flight(i) => ItemStatus::Running,
+                    st => st,
+                };
+                ItemView {
+                    id: crate::ids::item_id(s.id, i),
+                    index: i,
+                    prompt: expansion.prompt(s.spec.prompt_index(i)),
+                    status,
+                    failure: it.failure.as_deref().cloned(),
+                    attempts: it.attempts,
+                    output: it.output.as_deref().cloned(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Shared by every batch actor.
+pub(crate) struct BatchCtx {
+    pub wal: wal::Wal,
+    pub events_appended: Arc<AtomicU64>,
+    pub clock: Arc<dyn Clock>,
+    pub scheduler: Arc<Scheduler>,
+    pub providers: Registry,
+    pub store: VideoStore,
+    /// The worker runtime attempts run on.
+    pub workers: tokio::runtime::Handle,
+    pub cfg: ExecConfig,
+    pub dir: Arc<Directory>,
+    /// Refusals by the wallet that should be impossible (reconciliation reports them).
+    pub anomalies: AtomicU64,
+}
+
+#[derive(Default)]
+pub(crate) struct DirState {
+    /// Live actors.
+    pub active: HashMap<BatchId, (TenantId, Addr<BatchActor>)>,
+    /// Finished batches (with their prompts).
+    pub finished: HashMap<BatchId, (Arc<BatchState>, Arc<Expansion>)>,
+    /// Every batch by tenant, in id (= creation time) order: listing.
+    pub by_tenant: BTreeSet<(TenantId, BatchId)>,
+    /// (tenant, request id) → (batch, request fingerprint).
+    pub requests: HashMap<(TenantId, String), (BatchId, [u8; 32])>,
+}
+
+/// Batch id → actor or finished state.
+#[derive(Default)]
+pub(crate) struct Directory {
+    pub map: RwLock<DirState>,
+}
+
+impl Directory {
+    pub(crate) fn finish(&self, state: BatchState, expansion: Arc<Expansion>) {
+        let mut d = self.map.write().expect("not poisoned");
+        d.active.remove(&state.id);
+        d.finished.insert(state.id, (Arc::new(state), expansion));
+    }
+
+    pub(crate) fn remove_rejected(&self, state: &BatchState) {
+        let mut d = self.map.write().expect("not poisoned");
+        d.active.remove(&state.id);
+        d.by_tenant.remove(&(state.tenant, state.id));
+        if let Some(r) = &state.spec.request_id {
+            d.requests.remove(&(state.tenant, r.clone()));
+        }
+    }
+
+    fn insert(&self, d: &mut DirState, state: &BatchState) {
+        d.by_tenant.insert((state.tenant, state.id));
+        if let Some(r) = &state.spec.request_id {
+            d.requests.insert(
+                (state.tenant, r.clone()),
+                (state.id, state.spec.fingerprint),
+            );
+        }
+    }
+}
+
+/// Expansion of a recorded spec (validated when it was created; today's limits do not apply).
+pub(crate) fn expansion_of(spec: &BatchSpec) -> Expansion {
+    let unbounded = TemplateLimits {
+        template_chars_max: usize::MAX - 1,
+        variables_max: usize::MAX,
+        values_per_variable_max: usize::MAX,
+        value_chars_max: usize::MAX,
+        prompt_chars_max: usize::MAX,
+    };
+    Expansion::new(&spec.template, &spec.variables, &unbounded, u64::MAX)
+        .expect("a recorded template parses")
+}
+
+fn fingerprint(req: &BatchRequest, retry_of: Option<BatchId>) -> [u8; 32] {
+    let mut h = Sha256::new();
+    let mut field = |b: &[u8]| {
+        h.update((b.len() as u64).to_be_bytes());
+        h.update(b);
+    };
+    field(req.template.as_bytes());
+    let mut vars: Vec<&(String, Vec<String>)> = req.variables.iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (n, vs) in vars {
+        field(n.as_bytes());
+        field(&(vs.len() as u64).to_be_bytes());
+        for v in vs {
+            field(v.as_bytes());
+        }
+    }
+    field(req.params.model.as_bytes());
+    field(&req.params.duration_seconds.to_be_bytes());
+    field(req.params.resolution.as_bytes());
+    field(req.params.aspect_ratio.as_bytes());
+    field(&req.expires_in_s.map_or([0xFF; 8], |s| s.to_be_bytes()));
+    field(&retry_of.map_or([0xFF; 16], |b| b.0.to_be_bytes()));
+    h.finalize().into()
+}
+
+/// Longest client request id.
+pub const REQUEST_ID_CHARS_MAX: usize = 255;
+
+impl Engine {
+    fn batch_ctx(&self) -> &Arc<BatchCtx> {
+        self.inner.batches.get().expect("set at open")
+    }
+
+    /// Validates and prices a request without holding anything.
+    pub fn quote(&self, req: &BatchRequest, plan: &PlanLimits) -> Result<Quote, BatchError> {
+        let cfg = &self.inner.cfg.batch;
+        let expansion = Expansion::new(
+            &req.template,
+            &req.variables,
+            &cfg.template_limits,
+            plan.max_items_per_batch,
+        )?;
+        let priced = cfg.prices.price(&req.params)?;
+        let total = expansion
+            .count()
+            .checked_mul(priced.unit_price)
+            .ok_or_else(|| BatchError::Invalid("the total is out of range".into()))?;
+        Ok(Quote {
+            items: expansion.count(),
+            unit_price: priced.unit_price,
+            total,
+            sample_prompts: expansion.samples(cfg.sample_prompts),
+        })
+    }
+
+    /// Creates a batch: quote, hold (all or nothing: 402 otherwise), then items run.
+    /// Returns once the hold and the batch are durable. A repeat of `request_id` returns
+    /// the same batch; the same id with a different request is `KeyReused`.
+    pub async fn create_batch(
+        &self,
+        tenant: TenantId,
+        req: &BatchRequest,
+        plan: &PlanLimits,
+    ) -> Result<BatchView, BatchError> {
+        let quote = self.quote(req, plan)?;
+        let cfg = &self.inner.cfg.batch;
+        let expansion = Expansion::new(
+            &req.template,
+            &req.variables,
+            &cfg.template_limits,
+            plan.max_items_per_batch,
+        )?;
+        let priced = cfg.prices.price(&req.params)?;
+        let items = u32::try_from(quote.items)
+            .map_err(|_| BatchError::Invalid("too many items for one batch".into()))?;
+        let spec = self.new_spec(req, plan, &priced, items, Vec::new(), None, &expansion)?;
+        self.start_batch(tenant, spec, expansion).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new_spec(
+        &self,
+        req: &BatchRequest,
+        plan: &PlanLimits,
+        priced: &pricing::Priced,
+        items: u32,
+        prompt_indices: Vec<u64>,
+        retry_of: Option<BatchId>,
+        expansion: &Expansion,
+    ) -> Result<BatchSpec, BatchError> {
+        let cfg = &self.inner.cfg.batch;
+        if let Some(r) = &req.request_id {
+            if r.is_empty() || r.chars().count() > REQUEST_ID_CHARS_MAX {
+                return Err(BatchError::Invalid(format!(
+                    "request_id must be 1..={REQUEST_ID_CHARS_MAX} characters"
+                )));
+            }
+        }
+        let expires_in = req.expires_in_s.unwrap_or(cfg.expires_in_s_default);
+        if expires_in == 0 || expires_in > cfg.expires_in_s_max {
+            return Err(BatchError::Invalid(format!(
+                "expires_in must be 1..={} seconds",
+                cfg.expires_in_s_max
+            )));
+        }
+        if cfg.providers.get(&priced.provider).is_none() {
+            return Err(BatchError::Invalid(format!(
+                "model {:?} runs on provider {:?}, which is not configured",
+                req.params.model, priced.provider
+            )));
+        }
+        (items as u64)
+            .checked_mul(priced.unit_price)
+            .ok_or_else(|| BatchError::Invalid("the total is out of range".into()))?;
+        Ok(BatchSpec {
+            request_id: req.request_id.clone(),
+            fingerprint: fingerprint(req, retry_of),
+            template: req.template.clone(),
+            variables: expansion.variables().to_vec(),
+            params: req.params.clone(),
+            provider: priced.provider.clone(),
+            provider_model: priced.provider_model.clone(),
+            unit_price: priced.unit_price,
+            items,
+            prompt_indices,
+            retry_of,
+            watermark: plan.watermark,
+            tenant_concurrency: plan.concurrency.max(1),
+            expires_at_ms: self
+                .now_ms()
+                .saturating_add(expires_in.saturating_mul(1000)),
+        })
+    }
+
+    async fn start_batch(
+        &self,
+        tenant: TenantId,
+        spec: BatchSpec,
+        expansion: Expansion,
+    ) -> Result<BatchView, BatchError> {
+        let wallet = self.addr(tenant).map_err(|_| BatchError::NotFound)?;
+        let ctx = Arc::clone(self.batch_ctx());
+        // Under the directory lock: find a batch of the same request id, or log and
+        // register a new one (the lock makes the check and the insert one step).
+        let started = {
+            let mut d = ctx.dir.map.write().expect("not poisoned");
+            let existing = spec
+                .request_id
+                .as_ref()
+                .and_then(|r| d.requests.get(&(tenant, r.clone())).copied());
+            match existing {
+                Some((id, fp)) => Err((id, fp)),
+                None => {
+                    let now = self.now_ms();
+                    let id = BatchId::generate(now);
+                    let event = BatchEvent::Created {
+                        tenant,
+                        spec: Box::new(spec.clone()),
+                        at_ms: now,
+                    };
+                    let record = Record::Batch { batch: id, event };
+                    let durable = self
+                        .inner
+                        .wal
+                        .append(&journal::encode(&record))
+                        .map_err(|e| BatchError::Unavailable(e.to_string()))?;
+                    self.inner.events_appended.fetch_add(1, Ordering::Relaxed);
+                    let state = BatchState::created(id, tenant, spec.clone(), now, durable.lsn());
+                    ctx.dir.insert(&mut d, &state);
+                    let addr = self.start_batch_actor(state, wallet, Arc::new(expansion), None);
+                    d.active.insert(id, (tenant, addr.clone()));
+                    Ok((id, addr))
+                }
+            }
+        };
+        let (id, addr) = match started {
+            Ok(x) => x,
+            Err((id, fp)) => {
+                if fp != spec.fingerprint {
+                    return Err(BatchError::KeyReused(
+                        spec.request_id.clone().unwrap_or_default(),
+                    ));
+                }
+                return self.await_accepted(tenant, id).await;
+            }
+        };
+        let rx = addr
+            .send(AwaitAccepted)
+            .await
+            .map_err(|e| BatchError::Unavailable(e.to_string()))?;
+        rx.await
+            .map_err(|_| BatchError::Unavailable("the batch stopped".into()))??;
+        self.batch(tenant, id).await
+    }
+
+    async fn await_accepted(&self, tenant: TenantId, id: BatchId) -> Result<BatchView, BatchError> {
+        let addr = self.batch_addr(tenant, id)?;
+        if let Some(addr) = addr {
+            if let Ok(rx) = addr.send(AwaitAccepted).await {
+                rx.await
+                    .map_err(|_| BatchError::Unavailable("the batch stopped".into()))??;
+            }
+        }
+        self.batch(tenant, id).await
+    }
+
+    pub(crate) fn start_batch_actor(
+        &self,
+        state: BatchState,
+        wallet: Addr<crate::engine::wallet::actor::WalletActor>,
+        expansion: Arc<Expansion>,
+        hold: Option<&Hold>,
+    ) -> Addr<BatchActor> {
+        let inner = &self.inner;
+        let idx = (state.id.0 % inner.arbiters.len() as u128) as usize;
+        let actor = BatchActor::new(state, Arc::clone(self.batch_ctx()), wallet, expansion, hold);
+        let capacity = inner.cfg.mailbox_capacity;
+        BatchActor::start_in_arbiter(&inner.arbiters[idx], move |ctx| {
+            ctx.set_mailbox_capacity(capacity);
+            actor
+        })
+    }
+
+    /// The live actor of the tenant's batch (`None`: finished).
+    fn batch_addr(
+        &self,
+        tenant: TenantId,
+        id: BatchId,
+    ) -> Result<Option<Addr<BatchActor>>, BatchError> {
+        let d = self.batch_ctx().dir.map.read().expect("not poisoned");
+        if let Some((t, a)) = d.active.get(&id) {
+            return if *t == tenant {
+                Ok(Some(a.clone()))
+            } else {
+                Err(BatchError::NotFound)
+            };
+        }
+        match d.finished.get(&id) {
+            Some((s, _)) if s.tenant == tenant => Ok(None),
+            _ => Err(BatchError::NotFound),
+        }
+    }
+
+    async fn wait_acked(&self, lsn: u64) -> Result<(), BatchError> {
+        if self.inner.wal.acked_lsn() < lsn {
+            self.inner
+                .wal
+                .wait_acked(lsn)
+                .await
+                .map_err(|e| BatchError::Unavailable(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    async fn read_batch(
+        &self,
+        tenant: TenantId,
+        id: BatchId,
+        read: impl Fn() -> Read,
+    ) -> Result<ReadAnswer, BatchError> {
+        // At most two tries: an actor that finishes between the lookup and the read has
+        // moved its state to the finished map.
+        for _ in 0..2 {
+            match self.batch_addr(tenant, id)? {
+                Some(addr) => {
+                    if let Ok((answer, lsn)) = addr.send(read()).await {
+                        self.wait_acked(lsn).await?;
+                        return Ok(answer);
+                    }
+                }
+                None => {
+                    let (s, exp) = {
+                        let d = self.batch_ctx().dir.map.read().expect("not poisoned");
+                        let (s, e) = d.finished.get(&id).ok_or(BatchError::NotFound)?;
+                        (Arc::clone(s), Arc::clone(e))
+                    };
+                    self.wait_acked(s.last_lsn).await?;
+                    return Ok(match read() {
+                        Read::View => ReadAnswer::View(Box::new(BatchView::of(&s, s.counts, 0, 0))),
+                        Read::Items { from, limit } => {
+                            ReadAnswer::Items(ItemView::page(&s, &exp, from, limit, |_| false))
+                        }
+                        Read::Capture => ReadAnswer::Capture(Box::new((*s).clone())),
+                    });
+                }
+            }
+        }
+        Err(BatchError::Unavailable("the batch moved twice".into()))
+    }
+
+    /// The tenant's batch.
+    pub async fn batch(&self, tenant: TenantId, id: BatchId) -> Result<BatchView, BatchError> {
+        match self.read_batch(tenant, id, || Read::View).await? {
+            ReadAnswer::View(v) => Ok(*v),
+            _ => unreachable!("answer matches the read"),
+        }
+    }
+
+    /// Items with index ≥ `from`, at most `limit`.
+    pub async fn batch_items(
+        &self,
+        tenant: TenantId,
+        id: BatchId,
+        from: u32,
+        limit: u32,
+    ) -> Result<Vec<ItemView>, BatchError> {
+        match self
+            .read_batch(tenant, id, || Read::Items { from, limit })
+            .await?
+        {
+            ReadAnswer::Items(v) => Ok(v),
+            _ => unreachable!("answer matches the read"),
+        }
+    }
+
+    /// A copy of a batch's whole state (tests, reconciliation).
+    pub async fn batch_state(
+        &self,
+        tenant: TenantId,
+        id: BatchId,
+    ) -> Result<BatchState, BatchError> {
+        match self.read_batch(tenant, id, || Read::Capture).await? {
+            ReadAnswer::Capture(s) => Ok(*s),
+            _ => unreachable!("answer matches the read"),
+        }
+    }
+
+    /// The tenant's batches with id > `after`, oldest first, at most `limit`.
+    pub async fn list_batches(
+        &self,
+        tenant: TenantId,
+        after: Option<BatchId>,
+        limit: usize,
+    ) -> Result<Vec<BatchView>, BatchError> {
+        let ids: Vec<BatchId> = {
+            let d = self.batch_ctx().dir.map.read().expect("not poisoned");
+            let from = (
+                tenant,
+                after.map_or(BatchId(0), |a| BatchId(a.0.saturating_add(1))),
+            );
+            d.by_tenant
+                .range(from..)
+                .take_while(|(t, _)| *t == tenant)
+                .filter(|(_, b)| after.is_none_or(|a| *b > a))
+                .take(limit)
+                .map(|(_, b)| *b)
+                .collect()
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.batch(tenant, id).await {
+                Ok(v) => out.push(v),
+                Err(BatchError::NotFound) => {} // rejected meanwhile
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Cancels: pending items are canceled and released now; running items finish and are
+    /// charged only if they succeed. Canceling a finished batch changes nothing.
+    pub async fn cancel_batch(
+        &self,
+        tenant: TenantId,
+        id: BatchId,
+    ) -> Result<BatchView, BatchError> {
+        if let Some(addr) = self.batch_addr(tenant, id)? {
+            if let Ok(res) = addr.send(Cancel).await {
+                let (view, durable) = res?;
+                if let Some(d) = durable {
+                    d.await
+                        .map_err(|e| BatchError::Unavailable(e.to_string()))?;
+                }
+                return Ok(view);
+            }
+        }
+        self.batch(tenant, id).await
+    }
+
+    /// A new batch of the failed items of `id` (new hold, today's price).
+    pub async fn retry_failed(
+        &self,
+        tenant: TenantId,
+        id: BatchId,
+        request_id: Option<String>,
+        plan: &PlanLimits,
+    ) -> Result<BatchView, BatchError> {
+        let source = self.batch_state(tenant, id).await?;
+        let failed: Vec<u64> = source
+            .items
+            .iter()
+            .enumerate()
+            .filter(|(_, it)| it.status == ItemStatus::Failed)
+            .map(|(i, _)| source.spec.prompt_index(i as u32))
+            .collect();
+        if failed.is_empty() {
+            return Err(BatchError::NothingToRetry);
+        }
+        if failed.len() as u64 > plan.max_items_per_batch {
+            return Err(TemplateError::TooManyItems {
+                count: Some(failed.len() as u64),
+                limit: plan.max_items_per_batch,
+            }
+            .into());
+        }
+        let req = BatchRequest {
+            template: source.spec.template.clone(),
+            variables: source.spec.variables.clone(),
+            params: source.spec.params.clone(),
+            request_id,
+            expires_in_s: None,
+        };
+        let priced = self.inner.cfg.batch.prices.price(&req.params)?;
+        let expansion = expansion_of(&source.spec);
+        let items = failed.len() as u32;
+        let spec = self.new_spec(&req, plan, &priced, items, failed, Some(id), &expansion)?;
+        self.start_batch(tenant, spec, expansion).await
+    }
+
+    /// Waits until the batch is finished (tests, the demo, `submit --wait`).
+    pub async fn wait_batch(&self, tenant: TenantId, id: BatchId) -> Result<BatchView, BatchError> {
+        if let Some(addr) = self.batch_addr(tenant, id)? {
+            if let Ok(rx) = addr.send(AwaitFinished).await {
+                let _ = rx.await;
+            }
+        }
+        self.batch(tenant, id).await
+    }
+
+    /// Every batch's state (snapshots, tests), by id.
+    pub async fn capture_batches(&self) -> Result<Vec<BatchState>, BatchError> {
+        let (addrs, mut out): (Vec<Addr<BatchActor>>, Vec<BatchState>) = {
+            let d = self.batch_ctx().dir.map.read().expect("not poisoned");
+            (
+                d.active.values().map(|(_, a)| a.clone()).collect(),
+                d.finished.values().map(|(s, _)| (**s).clone()).collect(),
+            )
+        };
+        for a in addrs {
+            match a.send(Read::Capture).await {
+                Ok((ReadAnswer::Capture(s), _)) => out.push(*s),
+                Ok(_) => unreachable!("answer matches the read"),
+                // Finished meanwhile: its final state is in the finished map now.
+                Err(_) => {}
+            }
+        }
+        // Pick up batches that finished while capturing.
+        {
+            let d = self.batch_ctx().dir.map.read().expect("not poisoned");
+            for (id, (s, _)) in &d.finished {
+                if !out.iter().any(|b| b.id == *id) {
+                    out.push((**s).clone());
+                }
+            }
+        }
+        out.sort_by_key(|b| b.id);
+        out.dedup_by_key(|b| b.id);
+        Ok(out)
+    }
+
+    /// Refusals by wallets that should be impossible (0 in a healthy engine).
+    pub fn batch_anomalies(&self) -> u64 {
+        self.batch_ctx().anomalies.load(Ordering::Relaxed)
+    }
+
+    /// The scheduler's figures.
+    pub fn scheduler_stats(&self) -> crate::engine::scheduler::SchedulerStats {
+        self.batch_ctx().scheduler.stats()
+    }
+
+    /// The video store.
+    pub fn video_store(&self) -> &VideoStore {
+        &self.batch_ctx().store
+    }
+}
+
+/// Recovery helper: puts recovered batches into the directory and starts the active ones.
+pub(crate) fn restore(
+    engine: &Engine,
+    batches: HashMap<BatchId, BatchState>,
+    holds: &HashMap<BatchId, Hold>,
+) -> Result<(), WalletError> {
+    let ctx = Arc::clone(engine.batch_ctx());
+    let mut d = ctx.dir.map.write().expect("not poisoned");
+    for (id, state) in batches {
+        ctx.dir.insert(&mut d, &state);
+        let expansion = Arc::new(expansion_of(&state.spec));
+        if matches!(state.phase, Phase::Finished { .. }) {
+            d.finished.insert(id, (Arc::new(state), expansion));
+            continue;
+        }
+        let tenant = state.tenant;
+        let wallet = engine.addr(tenant)?;
+        let addr = engine.start_batch_actor(state, wallet, expansion, holds.get(&id));
+        d.active.insert(id, (tenant, addr));
+    }
+    Ok(())
+}
