@@ -230,12 +230,13 @@ fn markers_reject_flaky_and_watermark() {
             .unwrap();
         assert_ne!(clean, wm);
         // Files are real: in D/videos.
-        assert!(dir
+        let id = out.video.to_string();
+        let file = dir
             .path()
-            .join("videos")
-            .join("videos")
-            .join(out.video.to_string())
-            .is_dir());
+            .join("videos/videos")
+            .join(&id[id.len() - 2..])
+            .join(format!("{id}.clean.gif"));
+        assert_eq!(std::fs::read(&file).unwrap(), clean);
     });
     rt.block_on(engine.shutdown(false)).unwrap();
 }

@@ -301,7 +301,11 @@ impl Engine {
                 Some((b.id, h.clone()))
             })
             .collect();
-        let store = crate::delivery::store::VideoStore::open(&cfg.batch.store_url, &cfg.data_dir)?;
+        let store = crate::delivery::store::VideoStore::open(
+            &cfg.batch.store_url,
+            &cfg.data_dir,
+            cfg.batch.store_fsync,
+        )?;
         let workers = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(cfg.arbiters.max(1))
             .thread_name("engine-worker")
@@ -655,6 +659,10 @@ impl Engine {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // Close the log first: actors on arbiter threads and tasks on the worker runtime
+        // may outlive this drop for a moment, and none of them may write to the files
+        // after it returns (a new engine may already be opening the same directory).
+        let _ = self.wal.close();
         self.stop_ticker.store(true, Ordering::Release);
         self.system.stop();
         if let Some(t) = self.system_thread.lock().ok().and_then(|mut g| g.take()) {

@@ -151,14 +151,59 @@ impl Canvas {
     }
 }
 
+/// GIF LZW without compression: clear code, then at most `LZW_RUN` literal codes, repeated.
+/// The decoder's table then never grows past 5-bit codes, so every code is exactly 5 bits
+/// and encoding is bit packing (≈5.4 bits per pixel). Our frames are tiny; a real
+/// compressor spent most of an item's CPU time here (see BENCHMARKS.md).
+///
+/// ```text
+/// min code size 4 | (CLEAR=16, up to 12 literals)* | EOI=17     (LSB-first, 5 bits each)
+/// ```
+/// After a clear the first literal adds no table entry and each later one adds one
+/// (18, 19, …); 12 literals stop at entry 28, well below 32 where the width would change.
+fn lzw_uncompressed(pixels: &[u8]) -> Vec<u8> {
+    const MIN_CODE_SIZE: u8 = 4;
+    const CLEAR: u64 = 16;
+    const EOI: u64 = 17;
+    const LZW_RUN: usize = 12;
+    let mut out = Vec::with_capacity(2 + pixels.len() * 6 / 8 + 8);
+    out.push(MIN_CODE_SIZE);
+    let mut acc: u64 = 0;
+    let mut bits: u32 = 0;
+    let mut put = |out: &mut Vec<u8>, code: u64| {
+        acc |= code << bits;
+        bits += 5;
+        while bits >= 8 {
+            out.push(acc as u8);
+            acc >>= 8;
+            bits -= 8;
+        }
+    };
+    for chunk in pixels.chunks(LZW_RUN) {
+        put(&mut out, CLEAR);
+        for &p in chunk {
+            debug_assert!(p < 16, "palette index {p} beyond 16 colours");
+            put(&mut out, (p & 15) as u64);
+        }
+    }
+    put(&mut out, EOI);
+    if bits > 0 {
+        out.push(acc as u8);
+    }
+    out
+}
+
 /// Renders `prompt` as an animated GIF; `watermark` gives the watermarked rendition.
+///
+/// Frame 0 is the whole picture; later frames replace only the band the bar moves in
+/// (GIF sub-frames over the kept previous frame), so the text is drawn and encoded once.
 pub fn render(prompt: &str, size: MediaSize, watermark: bool) -> Vec<u8> {
     let w = size.width.clamp(16, EDGE_PIXELS_MAX);
     let h = size.height.clamp(16, EDGE_PIXELS_MAX);
     let frames = size.frames.clamp(1, FRAMES_MAX);
     let (wu, hu) = (w as usize, h as usize);
     let bg = BG0 + (fnv(prompt) % 12) as u8;
-    let mut out = Vec::with_capacity(wu * hu / 2);
+    let mut out = Vec::with_capacity(wu * hu);
     let mut enc = gif::Encoder::new(&mut out, w, h, &PALETTE).expect("writing to a Vec");
     enc.set_repeat(gif::Repeat::Infinite)
         .expect("writing to a Vec");
@@ -167,40 +212,54 @@ pub fn render(prompt: &str, size: MediaSize, watermark: bool) -> Vec<u8> {
         h: hu,
         px: vec![bg; wu * hu],
     };
+    canvas.text(prompt, 4, 4, WHITE);
+    if watermark {
+        let band = hu / 2;
+        for y in band.saturating_sub(6)..(band + 6).min(hu) {
+            for x in 0..wu {
+                canvas.put(x, y, BLACK);
+            }
+        }
+        canvas.text("REELBATCH PREVIEW", 4, band.saturating_sub(3), MARK);
+    }
+    // The bar's band: rows [bar_top, bar_bottom).
+    let (bar_top, bar_bottom) = (hu - 6, hu - 2);
+    let background = canvas.px.clone();
     for f in 0..frames as usize {
-        canvas.px.fill(bg);
-        canvas.text(prompt, 4, 4, WHITE);
-        // A bar sweeping left to right: the "video" moves.
+        // Redraw the band from the background, then the bar at this frame's position.
+        let band = bar_top * wu..bar_bottom * wu;
+        canvas.px[band.clone()].copy_from_slice(&background[band.clone()]);
         let bar_x = (f * wu) / frames as usize;
-        for y in hu.saturating_sub(6)..hu.saturating_sub(2) {
+        for y in bar_top..bar_bottom {
             for x in bar_x..(bar_x + wu / 8).min(wu) {
                 canvas.put(x, y, BAR);
             }
         }
         if watermark {
-            for y in 0..hu {
-                for x in 0..wu {
-                    if (x + y) % 8 == 0 {
-                        canvas.put(x, y, MARK);
-                    }
+            // Diagonal stripes over everything, the bar included.
+            let rows = if f == 0 { 0..hu } else { bar_top..bar_bottom };
+            for y in rows {
+                for x in ((8 - y % 8) % 8..wu).step_by(8) {
+                    canvas.put(x, y, MARK);
                 }
             }
-            let band = hu / 2;
-            for y in band.saturating_sub(6)..(band + 6).min(hu) {
-                for x in 0..wu {
-                    canvas.put(x, y, BLACK);
-                }
-            }
-            canvas.text("REELBATCH PREVIEW", 4, band.saturating_sub(3), MARK);
         }
+        let (top, rows) = if f == 0 {
+            (0, 0..hu * wu)
+        } else {
+            (bar_top, band)
+        };
         let frame = gif::Frame {
             width: w,
-            height: h,
+            height: ((rows.end - rows.start) / wu) as u16,
+            top: top as u16,
             delay: 25,
-            buffer: Cow::Borrowed(&canvas.px),
+            dispose: gif::DisposalMethod::Keep,
+            buffer: Cow::Owned(lzw_uncompressed(&canvas.px[rows])),
             ..gif::Frame::default()
         };
-        enc.write_frame(&frame).expect("writing to a Vec");
+        enc.write_lzw_pre_encoded_frame(&frame)
+            .expect("writing to a Vec");
     }
     drop(enc);
     out
@@ -229,5 +288,29 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 4);
+    }
+
+    #[test]
+    fn uncompressed_lzw_decodes_to_the_same_pixels() {
+        // Every length around the clear-code period, every palette index.
+        for len in [1usize, 11, 12, 13, 24, 25, 1000, 9216] {
+            let px: Vec<u8> = (0..len).map(|i| ((i * 7 + i / 13) % 16) as u8).collect();
+            let mut gif_bytes = Vec::new();
+            {
+                let mut enc = gif::Encoder::new(&mut gif_bytes, len as u16, 1, &PALETTE).unwrap();
+                let frame = gif::Frame {
+                    width: len as u16,
+                    height: 1,
+                    buffer: Cow::Owned(lzw_uncompressed(&px)),
+                    ..gif::Frame::default()
+                };
+                enc.write_lzw_pre_encoded_frame(&frame).unwrap();
+            }
+            let mut opts = gif::DecodeOptions::new();
+            opts.set_color_output(gif::ColorOutput::Indexed);
+            let mut d = opts.read_info(gif_bytes.as_slice()).unwrap();
+            let f = d.read_next_frame().unwrap().unwrap();
+            assert_eq!(&f.buffer[..], &px[..], "len {len}");
+        }
     }
 }

@@ -93,6 +93,8 @@ pub struct BatchConfig {
     pub providers: Registry,
     /// Video store URL (`""`: `D/videos`).
     pub store_url: String,
+    /// Sync each stored file and its directory before the item is recorded succeeded.
+    pub store_fsync: bool,
     /// `expires_in` when none is given (SPEC §3: 24 h).
     pub expires_in_s_default: u64,
     /// Largest `expires_in` accepted.
@@ -109,6 +111,7 @@ impl Default for BatchConfig {
             template_limits: TemplateLimits::default(),
             providers: Registry::simulated(Default::default(), 1_000),
             store_url: String::new(),
+            store_fsync: true,
             expires_in_s_default: 24 * 3600,
             expires_in_s_max: 30 * 24 * 3600,
             sample_prompts: 5,
