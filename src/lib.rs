@@ -8,8 +8,12 @@
 //! - `engine/`         actors over the WAL: boot, recovery, snapshots, the actor directory
 //!   - `engine/wallet/` the only code that moves credits: state (decide/apply), ledger
 //!     hash chain, the per-tenant actor
+//!   - `engine/batch/`  templates, prices, the per-batch actor, attempts
+//!   - `engine/scheduler.rs` fair permits across tenants, provider and tenant limits
 //!   - `engine/events.rs`, `journal.rs`, `snapshot.rs`: records, their encoding, images
-//! - `ids.rs`          prefixed sortable ids (`ten_…`, `bat_…`)
+//! - `providers/`      the provider trait; simulated (default), Replicate, fal; GIF media
+//! - `delivery/`       the video store (`object_store`)
+//! - `ids.rs`          prefixed sortable ids (`ten_…`, `bat_…`, `vid_…`, `itm_…`)
 //! - `money.rs`        checked credit arithmetic
 //! - `wal` (crate)     the write-ahead log every acknowledged write goes through
 //!

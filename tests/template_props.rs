@@ -118,8 +118,13 @@ fn a_10_to_the_12_bomb_is_cheap_and_refused() {
         .map(|i| (format!("v{i}"), (0..1000).map(|j| j.to_string()).collect()))
         .collect();
     let start = std::time::Instant::now();
-    let e = Expansion::new("{v0}{v1}{v2}{v3}", &vars, &TemplateLimits::default(), 10_000)
-        .unwrap_err();
+    let e = Expansion::new(
+        "{v0}{v1}{v2}{v3}",
+        &vars,
+        &TemplateLimits::default(),
+        10_000,
+    )
+    .unwrap_err();
     assert_eq!(
         e,
         TemplateError::TooManyItems {

@@ -12,10 +12,13 @@
 //! holds more than a fraction of the videos, and no directory is made per video). A key is
 //! written once (a put is atomic: readers never see a partial object) and never changed.
 //!
-//! Durability: with `fsync` (the default) a local put syncs the file and its directory
-//! before it returns, so an item recorded `succeeded` never points at a file a power loss
-//! could take (the guarantee S3 and GCS give). Without it, a kill -9 still loses nothing
-//! (the page cache survives the process), a power loss may.
+//! Durability: with `fsync` (the default) a local put returns only after its file and
+//! directory entry are on stable storage, so an item recorded `succeeded` never points at
+//! a file a power loss could take (the guarantee S3 and GCS give). On Linux this is group
+//! commit for files: puts write without syncing, then wait for one `syncfs(2)` of the
+//! store's filesystem that started after their write — one sync covers every put waiting
+//! (`FsSyncer`). Elsewhere each put syncs its file and directory. Without `fsync`, a
+//! kill -9 still loses nothing (the page cache survives the process), a power loss may.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -56,6 +59,86 @@ pub struct VideoStore {
     store: Arc<dyn ObjectStore>,
     /// What was opened (for messages and metrics).
     url: String,
+    /// Group sync of a local store's filesystem (Linux, `fsync` on).
+    syncer: Option<Arc<FsSyncer>>,
+}
+
+/// Group commit for files: one `syncfs` on a dedicated thread serves every put waiting.
+///
+/// Tickets: a put takes ticket `requested + 1` after its write finished; the thread reads
+/// `requested` *before* each `syncfs` starts and publishes it as `done` when it returns, so
+/// `done >= ticket` means a sync that began after the write completed — the write is durable.
+#[derive(Debug)]
+struct FsSyncer {
+    /// Tickets handed out.
+    requested: std::sync::Mutex<u64>,
+    /// Wakes the thread.
+    wake: std::sync::Condvar,
+    /// Highest ticket covered by a finished sync; `Err` after a failed sync (sticky: like
+    /// the WAL, a filesystem that failed a sync is not trusted again).
+    done: tokio::sync::watch::Sender<Result<u64, String>>,
+}
+
+#[cfg(target_os = "linux")]
+impl FsSyncer {
+    fn start(dir: &Path) -> std::io::Result<Arc<FsSyncer>> {
+        use std::os::fd::AsRawFd;
+        let root = std::fs::File::open(dir)?;
+        let syncer = Arc::new(FsSyncer {
+            requested: std::sync::Mutex::new(0),
+            wake: std::sync::Condvar::new(),
+            done: tokio::sync::watch::channel(Ok(0)).0,
+        });
+        let weak = Arc::downgrade(&syncer);
+        std::thread::Builder::new()
+            .name("store-syncfs".into())
+            .spawn(move || loop {
+                let Some(s) = weak.upgrade() else { return };
+                let target = {
+                    let mut req = s.requested.lock().expect("not poisoned");
+                    let done = s.done.borrow().clone().unwrap_or(u64::MAX);
+                    // Wait for a ticket beyond what is done (with a timeout, so the thread
+                    // notices when the store is dropped).
+                    while *req <= done {
+                        let (g, _) = s
+                            .wake
+                            .wait_timeout(req, std::time::Duration::from_millis(200))
+                            .expect("not poisoned");
+                        req = g;
+                        if Arc::strong_count(&s) == 1 {
+                            return;
+                        }
+                    }
+                    *req
+                };
+                // SAFETY: `root` is an open descriptor for the thread's whole life.
+                let rc = unsafe { libc::syncfs(root.as_raw_fd()) };
+                if rc == 0 {
+                    let _ = s.done.send_replace(Ok(target));
+                } else {
+                    let e = std::io::Error::last_os_error();
+                    let _ = s.done.send_replace(Err(format!("syncfs failed: {e}")));
+                    return;
+                }
+            })?;
+        Ok(syncer)
+    }
+
+    async fn sync(&self) -> Result<(), StoreError> {
+        let ticket = {
+            let mut req = self.requested.lock().expect("not poisoned");
+            *req += 1;
+            *req
+        };
+        self.wake.notify_one();
+        let mut rx = self.done.subscribe();
+        let res = rx
+            .wait_for(|d| d.as_ref().map_or(true, |&d| d >= ticket))
+            .await
+            .map_err(|_| StoreError::Io("the store's sync thread stopped".into()))?
+            .clone();
+        res.map(|_| ()).map_err(StoreError::Io)
+    }
 }
 
 /// File extension for a content type.
@@ -77,20 +160,27 @@ impl VideoStore {
             url: url.to_string(),
             reason,
         };
-        let store: Arc<dyn ObjectStore> = if url.is_empty() || url == "file://" {
-            let dir = data_dir.join("videos");
+        let local = if url.is_empty() || url == "file://" {
+            Some(data_dir.join("videos"))
+        } else {
+            url.strip_prefix("file://").map(std::path::PathBuf::from)
+        };
+        let mut syncer = None;
+        let store: Arc<dyn ObjectStore> = if let Some(dir) = local {
             std::fs::create_dir_all(&dir).map_err(|e| config(e.to_string()))?;
+            #[cfg(target_os = "linux")]
+            let per_file_fsync = {
+                if fsync {
+                    syncer = Some(FsSyncer::start(&dir).map_err(|e| config(e.to_string()))?);
+                }
+                false
+            };
+            #[cfg(not(target_os = "linux"))]
+            let per_file_fsync = fsync;
             Arc::new(
                 object_store::local::LocalFileSystem::new_with_prefix(&dir)
                     .map_err(|e| config(e.to_string()))?
-                    .with_fsync(fsync),
-            )
-        } else if let Some(path) = url.strip_prefix("file://") {
-            std::fs::create_dir_all(path).map_err(|e| config(e.to_string()))?;
-            Arc::new(
-                object_store::local::LocalFileSystem::new_with_prefix(path)
-                    .map_err(|e| config(e.to_string()))?
-                    .with_fsync(fsync),
+                    .with_fsync(per_file_fsync),
             )
         } else if url == "memory://" {
             Arc::new(object_store::memory::InMemory::new())
@@ -104,6 +194,7 @@ impl VideoStore {
         Ok(VideoStore {
             store,
             url: url.to_string(),
+            syncer,
         })
     }
 
@@ -135,8 +226,12 @@ impl VideoStore {
         self.store
             .put(&key, bytes.into())
             .await
-            .map(|_| ())
-            .map_err(|e| StoreError::Io(e.to_string()))
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        #[cfg(target_os = "linux")]
+        if let Some(s) = &self.syncer {
+            s.sync().await?;
+        }
+        Ok(())
     }
 
     /// Reads a whole rendition.
