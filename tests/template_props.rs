@@ -19,8 +19,8 @@ fn template_and_vars() -> impl Strategy<Value = (String, Vec<(String, Vec<String
         })
         .prop_map(|(lens, texts, n)| {
             let mut t = String::new();
-            for k in 0..n {
-                t.push_str(&texts[k]);
+            for (k, text) in texts.iter().take(n).enumerate() {
+                t.push_str(text);
                 t.push_str(&format!("{{v{k}}}"));
             }
             t.push_str(&texts[n]);
