@@ -17,8 +17,8 @@
 //! - `money.rs`        checked credit arithmetic
 //! - `wal` (crate)     the write-ahead log every acknowledged write goes through
 //!
-//! Data directory layout (SPEC §12): `D/wal/<20-digit first LSN>.wal` segments and
-//! `D/snapshots/<20-digit LSN>.snap` snapshots.
+//! Data directory layout (SPEC §12): `D/wal/<20-digit first LSN>.wal` segments,
+//! `D/snapshots/<20-digit LSN>.snap` snapshots, and (default video store) `D/videos/`.
 
 pub mod cli;
 pub mod delivery;
