@@ -3,9 +3,11 @@
 //! - empty or `file://` (default): a local directory, `D/videos` unless a path is given
 //!   (`file:///srv/videos`);
 //! - `memory://`: in memory (tests, benchmarks of everything else);
-//! - other schemes (`s3://`, `gs://`, `az://`) need the matching `object_store` cloud
-//!   feature compiled in; this build refuses them at startup with a clear error rather
-//!   than failing at the first video.
+//! - other schemes (`s3://bucket/prefix`, `gs://…`, `az://…`) through `object_store`'s URL
+//!   parser, with credentials from the usual `AWS_*`, `GOOGLE_*`, `AZURE_*` variables;
+//!   a build needs the matching cargo feature (`store-aws`, `store-gcp`, `store-azure`:
+//!   they pull in a TLS stack, so the default build leaves them out). A scheme this build
+//!   lacks is refused at startup with a clear error, never at the first video.
 //!
 //! Keys: `videos/<shard>/<vid_…>.clean.<ext>` and `….watermarked.<ext>`, where the shard is
 //! the id's last two characters (random bits: 1,024 shards, so a local directory never
@@ -185,11 +187,24 @@ impl VideoStore {
         } else if url == "memory://" {
             Arc::new(object_store::memory::InMemory::new())
         } else {
-            return Err(config(
-                "this build supports file:// and memory:// stores; cloud stores need \
-                 object_store's aws/gcp/azure feature"
-                    .into(),
-            ));
+            let parsed = url::Url::parse(url).map_err(|e| config(e.to_string()))?;
+            // Credentials and settings from the environment, as the stores' own
+            // `from_env` builders read them.
+            let options: Vec<(String, String)> = std::env::vars()
+                .filter(|(k, _)| {
+                    ["AWS_", "GOOGLE_", "AZURE_"]
+                        .iter()
+                        .any(|p| k.starts_with(p))
+                })
+                .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                .collect();
+            let (store, prefix) = object_store::parse_url_opts(&parsed, options).map_err(|e| {
+                config(format!(
+                    "{e} (cloud stores need reelbatch built with the store-aws, store-gcp \
+                     or store-azure feature)"
+                ))
+            })?;
+            Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
         };
         Ok(VideoStore {
             store,
@@ -248,5 +263,54 @@ impl VideoStore {
             Err(object_store::Error::NotFound { .. }) => Err(StoreError::NotFound(key)),
             Err(e) => Err(StoreError::Io(e.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn local_and_memory_round_trip_and_missing_cloud_features_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = VideoId(7);
+        for store in [
+            VideoStore::open("", dir.path(), true).unwrap(),
+            VideoStore::open(
+                &format!("file://{}", dir.path().join("x").display()),
+                dir.path(),
+                false,
+            )
+            .unwrap(),
+            VideoStore::open("memory://", dir.path(), false).unwrap(),
+        ] {
+            store
+                .put(
+                    v,
+                    Rendition::Clean,
+                    "image/gif",
+                    Bytes::from_static(b"GIF89a.."),
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                store.get(v, Rendition::Clean, "image/gif").await.unwrap(),
+                Bytes::from_static(b"GIF89a..")
+            );
+            assert!(matches!(
+                store.get(v, Rendition::Watermarked, "image/gif").await,
+                Err(StoreError::NotFound(_))
+            ));
+        }
+        assert!(dir.path().join("videos/videos").is_dir());
+        match VideoStore::open("s3://bucket/videos", dir.path(), true) {
+            Err(StoreError::Config { reason, .. }) => {
+                assert!(reason.contains("store-aws"), "{reason}")
+            }
+            #[cfg(feature = "store-aws")]
+            Ok(_) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(VideoStore::open("not a url", dir.path(), true).is_err());
     }
 }

@@ -87,6 +87,7 @@ impl BatchActor {
         wallet: actix::Addr<WalletActor>,
         expansion: Arc<Expansion>,
         hold: Option<&Hold>,
+        accept_waiter: Option<tokio::sync::oneshot::Sender<Result<(), BatchError>>>,
     ) -> Self {
         let n = state.items.len();
         let mut money = vec![Money::None; n];
@@ -116,7 +117,9 @@ impl BatchActor {
             money_in_flight: 0,
             settled,
             released,
-            accept_waiters: Vec::new(),
+            // The creator's waiter is registered before the actor starts: the hold's
+            // outcome can never be decided before someone is listening.
+            accept_waiters: accept_waiter.into_iter().collect(),
             finish_waiters: Vec::new(),
             broken: false,
         }
@@ -199,9 +202,9 @@ impl BatchActor {
                 let at_ms = self.now_ms();
                 match self.record(BatchEvent::Accepted { at_ms }) {
                     Ok(durable) => {
-                        let waiters = std::mem::take(&mut self.accept_waiters);
-                        self.spawn_after(durable, ctx, move |_, _| {
-                            for w in waiters {
+                        // Waiters that arrive until the event is durable are answered too.
+                        self.spawn_after(durable, ctx, move |act, _| {
+                            for w in act.accept_waiters.drain(..) {
                                 let _ = w.send(Ok(()));
                             }
                         });
@@ -212,22 +215,18 @@ impl BatchActor {
             }
             Err(WalletError::InsufficientCredits { available, needed }) => {
                 let at_ms = self.now_ms();
-                let waiters = std::mem::take(&mut self.accept_waiters);
                 match self.record(BatchEvent::Rejected { at_ms }) {
                     Ok(durable) => {
                         self.ctx.dir.remove_rejected(&self.state);
                         let err = BatchError::InsufficientCredits { available, needed };
-                        self.spawn_after(durable, ctx, move |_, ctx| {
-                            for w in waiters {
+                        self.spawn_after(durable, ctx, move |act, ctx| {
+                            for w in act.accept_waiters.drain(..) {
                                 let _ = w.send(Err(err.clone()));
                             }
                             ctx.stop();
                         });
                     }
-                    Err(e) => {
-                        self.accept_waiters = waiters;
-                        self.fail_waiters(e);
-                    }
+                    Err(e) => self.fail_waiters(e),
                 }
             }
             Err(e) => {

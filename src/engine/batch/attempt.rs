@@ -102,7 +102,9 @@ async fn attempt(t: &AttemptTask) -> End {
             id
         }
     };
-    let interval = Duration::from_millis(t.provider.poll_interval_ms());
+    // At least 1 ms between polls of a running job: a provider that answers "running"
+    // at once must not turn the loop into a busy spin until the deadline.
+    let interval = Duration::from_millis(t.provider.poll_interval_ms().max(1));
     let mut poll_errors = 0u32;
     let output_ref = loop {
         match timeout_at(deadline, t.provider.poll(&t.req, &job_id)).await {
@@ -112,13 +114,8 @@ async fn attempt(t: &AttemptTask) -> End {
                 return End::Report(Err(timeout_error()));
             }
             Ok(Ok(JobStatus::Running)) => {
-                if !interval.is_zero()
-                    && timeout_at(deadline, tokio::time::sleep(interval))
-                        .await
-                        .is_err()
-                {
-                    continue; // the next poll reports the timeout
-                }
+                // Past the deadline, the next poll's timeout reports it.
+                let _ = timeout_at(deadline, tokio::time::sleep(interval)).await;
             }
             Ok(Ok(JobStatus::Succeeded(r))) => break r,
             Ok(Ok(JobStatus::Failed(e))) => return End::Report(Err(e)),

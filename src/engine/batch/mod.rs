@@ -558,13 +558,15 @@ impl Engine {
                     self.inner.events_appended.fetch_add(1, Ordering::Relaxed);
                     let state = BatchState::created(id, tenant, spec.clone(), now, durable.lsn());
                     ctx.dir.insert(&mut d, &state);
-                    let addr = self.start_batch_actor(state, wallet, Arc::new(expansion), None);
-                    d.active.insert(id, (tenant, addr.clone()));
-                    Ok((id, addr))
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let addr =
+                        self.start_batch_actor(state, wallet, Arc::new(expansion), None, Some(tx));
+                    d.active.insert(id, (tenant, addr));
+                    Ok((id, rx))
                 }
             }
         };
-        let (id, addr) = match started {
+        let (id, accepted) = match started {
             Ok(x) => x,
             Err((id, fp)) => {
                 if fp != spec.fingerprint {
@@ -575,11 +577,8 @@ impl Engine {
                 return self.await_accepted(tenant, id).await;
             }
         };
-        let rx = addr
-            .send(AwaitAccepted)
+        accepted
             .await
-            .map_err(|e| BatchError::Unavailable(e.to_string()))?;
-        rx.await
             .map_err(|_| BatchError::Unavailable("the batch stopped".into()))??;
         self.batch(tenant, id).await
     }
@@ -601,10 +600,18 @@ impl Engine {
         wallet: Addr<crate::engine::wallet::actor::WalletActor>,
         expansion: Arc<Expansion>,
         hold: Option<&Hold>,
+        accept_waiter: Option<tokio::sync::oneshot::Sender<Result<(), BatchError>>>,
     ) -> Addr<BatchActor> {
         let inner = &self.inner;
         let idx = (state.id.0 % inner.arbiters.len() as u128) as usize;
-        let actor = BatchActor::new(state, Arc::clone(self.batch_ctx()), wallet, expansion, hold);
+        let actor = BatchActor::new(
+            state,
+            Arc::clone(self.batch_ctx()),
+            wallet,
+            expansion,
+            hold,
+            accept_waiter,
+        );
         let capacity = inner.cfg.mailbox_capacity;
         BatchActor::start_in_arbiter(&inner.arbiters[idx], move |ctx| {
             ctx.set_mailbox_capacity(capacity);
@@ -882,7 +889,7 @@ pub(crate) fn restore(
         }
         let tenant = state.tenant;
         let wallet = engine.addr(tenant)?;
-        let addr = engine.start_batch_actor(state, wallet, expansion, holds.get(&id));
+        let addr = engine.start_batch_actor(state, wallet, expansion, holds.get(&id), None);
         d.active.insert(id, (tenant, addr));
     }
     Ok(())
