@@ -17,6 +17,9 @@
 //! `Settled`) plus a GIF render and a store put; the report prints WAL appends, bytes and
 //! fsyncs per item, and process CPU seconds per 1,000 items.
 
+mod common;
+use common::{runtime, scratch};
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -39,12 +42,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn scratch() -> PathBuf {
-    let base = std::env::var("BENCH_DIR").unwrap_or_else(|_| "target/bench-scratch".into());
-    std::fs::create_dir_all(&base).unwrap();
-    tempfile::tempdir_in(base).unwrap().keep()
-}
-
 /// User + system CPU seconds of this process so far.
 fn cpu_secs() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
@@ -53,14 +50,6 @@ fn cpu_secs() -> f64 {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
     ticks / 100.0
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 fn config(

@@ -13,9 +13,12 @@
 //!
 //! Prints a table and the ratios the targets are stated in.
 
+mod common;
+use common::scratch;
+
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -37,12 +40,6 @@ fn secs() -> Duration {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3.0);
     Duration::from_secs_f64(s)
-}
-
-fn scratch() -> PathBuf {
-    let base = std::env::var("BENCH_DIR").unwrap_or_else(|_| "target/bench-scratch".into());
-    std::fs::create_dir_all(&base).unwrap();
-    tempfile::tempdir_in(base).unwrap().keep()
 }
 
 fn hist() -> Histogram<u64> {

@@ -15,7 +15,9 @@
 //! top-up each, divided by N. Each operation (a hold, a settle) counts as one op; latency
 //! is per operation, from the call to its acknowledgement.
 
-use std::path::PathBuf;
+mod common;
+use common::{runtime, scratch};
+
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -32,12 +34,6 @@ fn secs() -> Duration {
             .and_then(|v| v.parse().ok())
             .unwrap_or(3.0),
     )
-}
-
-fn scratch() -> PathBuf {
-    let base = std::env::var("BENCH_DIR").unwrap_or_else(|_| "target/bench-scratch".into());
-    std::fs::create_dir_all(&base).unwrap();
-    tempfile::tempdir_in(base).unwrap().keep()
 }
 
 fn rss_bytes() -> u64 {
@@ -68,13 +64,6 @@ impl Run {
     fn rate(&self) -> f64 {
         self.ops as f64 / self.elapsed
     }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .build()
-        .unwrap()
 }
 
 /// Runs `CALLERS` tasks until the deadline; each returns (operations, latency histogram).

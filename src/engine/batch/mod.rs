@@ -422,8 +422,13 @@ impl Engine {
         self.inner.batches.get().expect("set at open")
     }
 
-    /// Validates and prices a request without holding anything.
-    pub fn quote(&self, req: &BatchRequest, plan: &PlanLimits) -> Result<Quote, BatchError> {
+    /// The template expanded under the plan's limit, the price, and the checked total:
+    /// what a quote shows and a creation holds.
+    fn validate(
+        &self,
+        req: &BatchRequest,
+        plan: &PlanLimits,
+    ) -> Result<(Expansion, pricing::Priced, u64), BatchError> {
         let cfg = &self.inner.cfg.batch;
         let expansion = Expansion::new(
             &req.template,
@@ -436,11 +441,17 @@ impl Engine {
             .count()
             .checked_mul(priced.unit_price)
             .ok_or_else(|| BatchError::Invalid("the total is out of range".into()))?;
+        Ok((expansion, priced, total))
+    }
+
+    /// Validates and prices a request without holding anything.
+    pub fn quote(&self, req: &BatchRequest, plan: &PlanLimits) -> Result<Quote, BatchError> {
+        let (expansion, priced, total) = self.validate(req, plan)?;
         Ok(Quote {
             items: expansion.count(),
             unit_price: priced.unit_price,
             total,
-            sample_prompts: expansion.samples(cfg.sample_prompts),
+            sample_prompts: expansion.samples(self.inner.cfg.batch.sample_prompts),
         })
     }
 
@@ -453,16 +464,8 @@ impl Engine {
         req: &BatchRequest,
         plan: &PlanLimits,
     ) -> Result<BatchView, BatchError> {
-        let quote = self.quote(req, plan)?;
-        let cfg = &self.inner.cfg.batch;
-        let expansion = Expansion::new(
-            &req.template,
-            &req.variables,
-            &cfg.template_limits,
-            plan.max_items_per_batch,
-        )?;
-        let priced = cfg.prices.price(&req.params)?;
-        let items = u32::try_from(quote.items)
+        let (expansion, priced, _) = self.validate(req, plan)?;
+        let items = u32::try_from(expansion.count())
             .map_err(|_| BatchError::Invalid("too many items for one batch".into()))?;
         let spec = self.new_spec(req, plan, &priced, items, Vec::new(), None, &expansion)?;
         self.start_batch(tenant, spec, expansion).await
@@ -827,13 +830,11 @@ impl Engine {
 
     /// Every batch's state (snapshots, tests), by id.
     pub async fn capture_batches(&self) -> Result<Vec<BatchState>, BatchError> {
-        let (addrs, mut out): (Vec<Addr<BatchActor>>, Vec<BatchState>) = {
+        let addrs: Vec<Addr<BatchActor>> = {
             let d = self.batch_ctx().dir.map.read().expect("not poisoned");
-            (
-                d.active.values().map(|(_, a)| a.clone()).collect(),
-                d.finished.values().map(|(s, _)| (**s).clone()).collect(),
-            )
+            d.active.values().map(|(_, a)| a.clone()).collect()
         };
+        let mut out = Vec::with_capacity(addrs.len());
         for a in addrs {
             match a.send(Read::Capture).await {
                 Ok((ReadAnswer::Capture(s), _)) => out.push(*s),
@@ -842,17 +843,18 @@ impl Engine {
                 Err(_) => {}
             }
         }
-        // Pick up batches that finished while capturing.
+        // Then every finished batch, including those that finished while capturing (read
+        // after the captures, so none is missed; one captured live keeps that capture).
+        let captured: std::collections::HashSet<BatchId> = out.iter().map(|b| b.id).collect();
         {
             let d = self.batch_ctx().dir.map.read().expect("not poisoned");
             for (id, (s, _)) in &d.finished {
-                if !out.iter().any(|b| b.id == *id) {
+                if !captured.contains(id) {
                     out.push((**s).clone());
                 }
             }
         }
         out.sort_by_key(|b| b.id);
-        out.dedup_by_key(|b| b.id);
         Ok(out)
     }
 

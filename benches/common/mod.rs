@@ -1,0 +1,21 @@
+//! What every benchmark binary shares (included with `mod common;`).
+#![allow(dead_code)] // each bench uses its own subset
+
+use std::path::PathBuf;
+
+/// A fresh scratch directory on the disk under test: `BENCH_DIR` (default
+/// `target/bench-scratch`), kept after the run so its files can be inspected.
+pub fn scratch() -> PathBuf {
+    let base = std::env::var("BENCH_DIR").unwrap_or_else(|_| "target/bench-scratch".into());
+    std::fs::create_dir_all(&base).unwrap();
+    tempfile::tempdir_in(base).unwrap().keep()
+}
+
+/// The 2-worker tokio runtime the callers run on (the machine has 2 cores).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
