@@ -225,6 +225,7 @@ fn end_to_end(
         max_items_per_batch: 10_000,
         concurrency: 1_024,
         watermark: false,
+        items_per_day: u64::MAX,
     };
     let per_tenant = items / tenants;
     let tenant_ids: Vec<TenantId> = (1..=tenants).map(|t| TenantId(t as u128)).collect();
@@ -268,6 +269,8 @@ fn end_to_end(
                     params: Params::default(),
                     request_id: None,
                     expires_in_s: None,
+                    api_key: None,
+                    key_daily_credit_limit: None,
                 };
                 k += 1;
                 created.push((*t, engine.create_batch(*t, &req, &plan).await.unwrap()));

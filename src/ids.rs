@@ -105,6 +105,11 @@ prefixed_id!(
     "bat_"
 );
 prefixed_id!(
+    /// An API key (its secret is shown once and stored only as a hash).
+    KeyId,
+    "key_"
+);
+prefixed_id!(
     /// A stored video (one succeeded item's output).
     VideoId,
     "vid_"

@@ -20,7 +20,9 @@
 //! Data directory layout (SPEC §12): `D/wal/<20-digit first LSN>.wal` segments,
 //! `D/snapshots/<20-digit LSN>.snap` snapshots, and (default video store) `D/videos/`.
 
+pub mod api;
 pub mod cli;
+pub mod config;
 pub mod delivery;
 pub mod engine;
 pub mod ids;

@@ -15,6 +15,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the server: recover the data directory, serve /v1 and /admin/v1 until SIGINT or
+    /// SIGTERM, then drain, snapshot and close the log.
+    Serve {
+        /// Data directory (default: the config's `data_dir`, `./data`).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// HOST:PORT to listen on (default: the config's `listen`, 127.0.0.1:8080).
+        #[arg(long)]
+        listen: Option<String>,
+        /// TOML config file (REELBATCH_* environment variables override it).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Offline tools for the write-ahead log of a stopped server.
     Wal {
         #[command(subcommand)]
@@ -40,16 +53,83 @@ enum WalCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+    // The std streams are locked only by the offline tools: `serve` runs threads that log
+    // to stderr, and a lock held here for the program's life would block every one of them.
+    let lock = || (std::io::stdout().lock(), std::io::stderr().lock());
     let code = match cli.command {
+        Command::Serve {
+            data_dir,
+            listen,
+            config,
+        } => serve(data_dir, listen, config),
         Command::Wal { command } => match command {
             WalCommand::Verify { data_dir } => {
+                let (mut out, mut err) = lock();
                 reelbatch::cli::offline::wal_verify(&data_dir, &mut out, &mut err)
             }
             WalCommand::Dump { data_dir } => {
+                let (mut out, mut err) = lock();
                 reelbatch::cli::offline::wal_dump(&data_dir, &mut out, &mut err)
             }
         },
     };
     ExitCode::from(code)
+}
+
+fn init_logs(cfg: &reelbatch::config::Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if cfg.log.format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+fn serve(data_dir: Option<PathBuf>, listen: Option<String>, config: Option<PathBuf>) -> u8 {
+    let cfg = match reelbatch::config::Config::load(config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("reelbatch: {e}");
+            return 2;
+        }
+    };
+    init_logs(&cfg);
+    let data_dir = data_dir.unwrap_or_else(|| PathBuf::from(&cfg.data_dir));
+    let listen = listen.unwrap_or_else(|| cfg.listen.clone());
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("http")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("reelbatch: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    let result = rt.block_on(reelbatch::api::server::serve(
+        cfg,
+        data_dir,
+        &listen,
+        reelbatch::api::server::shutdown_signal(),
+        |running| {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "reelbatch listening on http://{}", running.addr);
+            let _ = out.flush();
+        },
+    ));
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("reelbatch: {e}");
+            1
+        }
+    }
 }

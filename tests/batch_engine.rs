@@ -54,6 +54,7 @@ const PRO: PlanLimits = PlanLimits {
     max_items_per_batch: 10_000,
     concurrency: 256,
     watermark: false,
+    items_per_day: u64::MAX,
 };
 
 async fn tenant_with(engine: &Engine, credits: u64) -> TenantId {
@@ -86,6 +87,8 @@ fn request(template: &str, vars: &[(&str, Vec<String>)]) -> BatchRequest {
         params: Params::default(),
         request_id: None,
         expires_in_s: None,
+        api_key: None,
+        key_daily_credit_limit: None,
     }
 }
 
@@ -200,6 +203,7 @@ fn markers_reject_flaky_and_watermark() {
         );
         let starter = PlanLimits {
             watermark: true,
+            items_per_day: u64::MAX,
             ..PRO
         };
         let v = engine.create_batch(t, &req, &starter).await.unwrap();
@@ -370,7 +374,10 @@ fn cancel_expiry_and_retry_failed() {
 
         // Retry-failed: a new batch of just the failed items, with their prompts, new hold.
         let before = engine.balances(t).await.unwrap();
-        let r = engine.retry_failed(t, v.id, None, &slow).await.unwrap();
+        let r = engine
+            .retry_failed(t, v.id, None, &slow, None, None)
+            .await
+            .unwrap();
         assert_eq!(r.retry_of, Some(v.id));
         assert_eq!(r.counts.total, v.counts.failed);
         assert_eq!(r.total, r.counts.total as u64 * 40);
@@ -400,7 +407,10 @@ fn cancel_expiry_and_retry_failed() {
         let r = engine.wait_batch(t, r.id).await.unwrap();
         assert_eq!(r.status, BatchStatus::Completed);
         assert_eq!(
-            engine.retry_failed(t, r.id, None, &slow).await.unwrap_err(),
+            engine
+                .retry_failed(t, r.id, None, &slow, None, None)
+                .await
+                .unwrap_err(),
             BatchError::NothingToRetry
         );
         engine.check_invariants().await.unwrap();

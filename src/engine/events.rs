@@ -1,6 +1,8 @@
 //! Every record the WAL holds: one enum, versioned by the journal header.
 
+use crate::engine::accounts::AccountEvent;
 use crate::engine::batch::state::BatchEvent;
+use crate::engine::idempotency::StoredResponse;
 use crate::engine::wallet::state::WalletEvent;
 use crate::ids::{BatchId, TenantId};
 
@@ -15,4 +17,8 @@ pub enum Record {
     },
     /// A fact about one batch.
     Batch { batch: BatchId, event: BatchEvent },
+    /// A fact about tenants or API keys.
+    Account(AccountEvent),
+    /// A response stored for an `Idempotency-Key`.
+    Response(StoredResponse),
 }

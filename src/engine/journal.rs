@@ -9,8 +9,9 @@
 
 use crate::engine::events::Record;
 
-/// Version of the record encoding.
-pub const RECORD_VERSION: u8 = 1;
+/// Version of the record encoding. 2: accounts, stored responses, the batch's API key
+/// (version 1 logs came from development builds only and are refused).
+pub const RECORD_VERSION: u8 = 2;
 /// Bytes before the archive.
 pub const RECORD_HEADER_BYTES: usize = 16;
 

@@ -9,9 +9,12 @@
 //! none, can drive them. `engine-snapshots` is a thread that snapshots by event count and by
 //! time.
 
+pub mod accounts;
 pub mod batch;
 pub mod events;
+pub mod idempotency;
 pub mod journal;
+pub mod reconcile;
 pub mod scheduler;
 pub mod snapshot;
 pub mod wallet;
@@ -24,9 +27,11 @@ use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr};
 
+use crate::engine::accounts::AccountsState;
 use crate::engine::batch::state::{BatchEvent, BatchState};
 use crate::engine::batch::{BatchConfig, BatchCtx};
 use crate::engine::events::Record;
+use crate::engine::idempotency::ResponseStore;
 use crate::engine::snapshot::EngineImage;
 use crate::engine::wallet::actor::{Read, ReadAnswer, WalletActor};
 use crate::engine::wallet::ledger::LedgerEntry;
@@ -89,6 +94,10 @@ pub struct EngineConfig {
     pub faults: Option<Arc<wal::FaultInjector>>,
     /// Batches: prices, providers, attempts, the video store.
     pub batch: BatchConfig,
+    /// How long an idempotent response is replayed (SPEC §5: 24 h).
+    pub idempotency_retention_ms: u64,
+    /// Idempotency keys remembered at once (beyond: refused as unavailable).
+    pub idempotency_keys_max: usize,
 }
 
 impl EngineConfig {
@@ -107,6 +116,8 @@ impl EngineConfig {
             clock: Arc::new(SystemClock),
             faults: None,
             batch: BatchConfig::default(),
+            idempotency_retention_ms: 24 * 3600 * 1000,
+            idempotency_keys_max: 1_000_000,
         }
     }
 }
@@ -182,6 +193,12 @@ struct Inner {
     batches: OnceLock<Arc<BatchCtx>>,
     /// The runtime attempts and the scheduler run on (taken at shutdown).
     workers: Mutex<Option<tokio::runtime::Runtime>>,
+    /// Tenants and keys (see `accounts.rs` for why a lock and not an actor).
+    accounts: RwLock<AccountsState>,
+    /// Idempotent responses.
+    responses: Mutex<ResponseStore>,
+    /// Wallet commands sent and not yet answered (the wallet mailboxes' depth, summed).
+    wallet_ops_in_flight: AtomicU64,
 }
 
 /// The engine handle; clones share it.
@@ -212,6 +229,10 @@ impl Engine {
 
         let mut states: HashMap<TenantId, WalletState> = HashMap::new();
         let mut batches: HashMap<crate::ids::BatchId, BatchState> = HashMap::new();
+        let mut accounts = AccountsState::default();
+        let mut responses =
+            ResponseStore::new(cfg.idempotency_retention_ms, cfg.idempotency_keys_max);
+        let boot_ms = cfg.clock.now_ms();
         let mut snapshot_lsn = None;
         let mut from = 1;
         if let Some(snap) = &lookup.snapshot {
@@ -231,6 +252,10 @@ impl Engine {
             }
             for b in image.batches {
                 batches.insert(b.id, b);
+            }
+            accounts = image.accounts;
+            for r in image.responses {
+                responses.insert(r, boot_ms);
             }
             snapshot_lsn = Some(snap.lsn);
             from = snap.lsn + 1;
@@ -258,6 +283,16 @@ impl Engine {
                         state.apply(&event, lsn);
                         replayed += 1;
                     }
+                }
+                Record::Account(event) => {
+                    if lsn > accounts.last_lsn {
+                        accounts.apply(&event, lsn);
+                        replayed += 1;
+                    }
+                }
+                Record::Response(r) => {
+                    responses.insert(r, boot_ms);
+                    replayed += 1;
                 }
                 Record::Batch { batch, event } => match event {
                     BatchEvent::Created {
@@ -330,6 +365,9 @@ impl Engine {
             stopped: AtomicBool::new(false),
             batches: OnceLock::new(),
             workers: Mutex::new(None),
+            accounts: RwLock::new(accounts),
+            responses: Mutex::new(responses),
+            wallet_ops_in_flight: AtomicU64::new(0),
             cfg,
         });
         let engine = Engine { inner };
@@ -337,6 +375,21 @@ impl Engine {
             let mut dir = engine.inner.wallets.write().expect("not poisoned");
             for (tenant, state) in states {
                 dir.insert(tenant, engine.start_actor(state));
+            }
+        }
+        // A tenant whose wallet opening was lost in a crash gets it now.
+        let orphans: Vec<TenantId> = {
+            let acc = engine.inner.accounts.read().expect("not poisoned");
+            let dir = engine.inner.wallets.read().expect("not poisoned");
+            acc.tenants
+                .keys()
+                .filter(|t| !dir.contains_key(t))
+                .copied()
+                .collect()
+        };
+        for t in orphans {
+            if let Some(d) = engine.open_wallet_now(t)? {
+                d.wait()?;
             }
         }
         let scheduler = scheduler::Scheduler::new(
@@ -361,6 +414,7 @@ impl Engine {
             cfg: engine.inner.cfg.batch.exec.clone(),
             dir: Arc::new(batch::Directory::default()),
             anomalies: AtomicU64::new(0),
+            provider_stats: Arc::default(),
         });
         let _ = engine.inner.batches.set(ctx);
         *engine.inner.workers.lock().expect("not poisoned") = Some(workers);
@@ -437,6 +491,11 @@ impl Engine {
         &self.inner.wal
     }
 
+    /// Wallet commands from the API waiting on wallet actors (metrics).
+    pub fn wallet_ops_in_flight(&self) -> u64 {
+        self.inner.wallet_ops_in_flight.load(Ordering::Relaxed)
+    }
+
     /// Engine time.
     pub fn now_ms(&self) -> u64 {
         self.inner.cfg.clock.now_ms()
@@ -454,30 +513,33 @@ impl Engine {
 
     /// Opens the tenant's wallet (idempotent). Returns whether it was created now.
     pub async fn open_wallet(&self, tenant: TenantId) -> Result<bool, WalletError> {
-        let durable = {
-            let mut dir = self.inner.wallets.write().expect("not poisoned");
-            if dir.contains_key(&tenant) {
-                return Ok(false);
+        match self.open_wallet_now(tenant).map_err(unavailable)? {
+            None => Ok(false),
+            Some(durable) => {
+                durable.await.map_err(unavailable)?;
+                Ok(true)
             }
-            let event = WalletEvent::Opened {
-                at_ms: self.now_ms(),
-            };
-            let durable = self
-                .inner
-                .wal
-                .append(&journal::encode(&Record::Wallet {
-                    tenant,
-                    event: event.clone(),
-                }))
-                .map_err(unavailable)?;
-            let mut state = WalletState::new(tenant);
-            state.apply(&event, durable.lsn());
-            self.inner.events_appended.fetch_add(1, Ordering::Relaxed);
-            dir.insert(tenant, self.start_actor(state));
-            durable
+        }
+    }
+
+    /// Appends and applies a wallet opening; `None` if the wallet exists.
+    fn open_wallet_now(&self, tenant: TenantId) -> Result<Option<wal::Durable>, wal::Error> {
+        let mut dir = self.inner.wallets.write().expect("not poisoned");
+        if dir.contains_key(&tenant) {
+            return Ok(None);
+        }
+        let event = WalletEvent::Opened {
+            at_ms: self.now_ms(),
         };
-        durable.await.map_err(unavailable)?;
-        Ok(true)
+        let durable = self.inner.wal.append(&journal::encode(&Record::Wallet {
+            tenant,
+            event: event.clone(),
+        }))?;
+        let mut state = WalletState::new(tenant);
+        state.apply(&event, durable.lsn());
+        self.inner.events_appended.fetch_add(1, Ordering::Relaxed);
+        dir.insert(tenant, self.start_actor(state));
+        Ok(Some(durable))
     }
 
     /// Runs a wallet command and waits until it is acknowledged (durable).
@@ -487,7 +549,11 @@ impl Engine {
         cmd: WalletCommand,
     ) -> Result<WalletOutcome, WalletError> {
         let addr = self.addr(tenant)?;
-        let (entries, balances) = wallet::actor::execute(&addr, &self.inner.wal, cmd).await?;
+        let gauge = &self.inner.wallet_ops_in_flight;
+        gauge.fetch_add(1, Ordering::Relaxed);
+        let r = wallet::actor::execute(&addr, &self.inner.wal, cmd).await;
+        gauge.fetch_sub(1, Ordering::Relaxed);
+        let (entries, balances) = r?;
         Ok(WalletOutcome { entries, balances })
     }
 
@@ -604,17 +670,22 @@ impl Engine {
         let covered_lsn = i.wal.next_lsn() - 1;
         let wallets = self.capture_all().await?;
         let batches = self.capture_batches().await?;
-        let newest = wallets
-            .iter()
-            .map(|w| w.last_lsn)
-            .chain(batches.iter().map(|b| b.last_lsn))
-            .max()
-            .unwrap_or(0);
+        let accounts = i.accounts.read().expect("not poisoned").clone();
+        let responses = {
+            let mut r = i.responses.lock().expect("not poisoned");
+            r.expire(self.now_ms());
+            r.records()
+        };
+        // Everything captured was appended before this point: once it is acknowledged,
+        // the image holds nothing the log could still lose.
+        let newest = i.wal.next_lsn() - 1;
         i.wal.wait_acked(newest.max(covered_lsn)).await?;
         let bytes = snapshot::encode(&EngineImage {
             covered_lsn,
             wallets,
             batches,
+            accounts,
+            responses,
         });
         let snap_dir = crate::snapshot_dir(&i.cfg.data_dir);
         wal::write_snapshot(&snap_dir, covered_lsn, &bytes)?;

@@ -8,7 +8,9 @@
 //! written only after every captured LSN is acknowledged, so it never holds a change the
 //! log could lose.
 
+use crate::engine::accounts::AccountsState;
 use crate::engine::batch::state::BatchState;
+use crate::engine::idempotency::StoredResponse;
 use crate::engine::journal::{archive_of, with_header, JournalError};
 use crate::engine::wallet::state::WalletState;
 
@@ -21,6 +23,10 @@ pub struct EngineImage {
     pub wallets: Vec<WalletState>,
     /// All batches, active and finished (each with its own `last_lsn`).
     pub batches: Vec<BatchState>,
+    /// Tenants and keys (with their own `last_lsn`).
+    pub accounts: AccountsState,
+    /// Stored idempotent responses still within retention.
+    pub responses: Vec<StoredResponse>,
 }
 
 /// Encodes an image.

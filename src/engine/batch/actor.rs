@@ -633,6 +633,8 @@ impl Handler<Permit> for BatchActor {
                 store: self.ctx.store.clone(),
                 clock: Arc::clone(&self.ctx.clock),
                 cfg: self.ctx.cfg.clone(),
+                provider_name: self.state.spec.provider.clone(),
+                stats: Arc::clone(&self.ctx.provider_stats),
             };
             self.ctx.workers.spawn(attempt::run(task, permit));
             return;

@@ -39,6 +39,40 @@ pub(crate) struct AttemptTask {
     pub clock: Arc<dyn Clock>,
     /// Deadlines and bounds.
     pub cfg: ExecConfig,
+    /// The provider's name (metrics).
+    pub provider_name: String,
+    /// Outcome counters (metrics).
+    pub stats: Arc<ProviderStats>,
+}
+
+/// Attempt outcomes per provider: (count, total latency in µs) per (provider, outcome).
+/// Outcomes: `succeeded`, `transient`, `throttled`, `permanent`, `abandoned`.
+#[derive(Default)]
+pub struct ProviderStats {
+    map: std::sync::Mutex<OutcomeCounts>,
+}
+
+/// (provider, outcome) → (attempts, total latency µs).
+type OutcomeCounts = std::collections::BTreeMap<(String, &'static str), (u64, u64)>;
+
+impl ProviderStats {
+    fn record(&self, provider: &str, outcome: &'static str, latency: Duration) {
+        let mut m = self.map.lock().expect("not poisoned");
+        // Bounded: providers are configured, outcomes a fixed set.
+        let e = m.entry((provider.to_owned(), outcome)).or_default();
+        e.0 += 1;
+        e.1 = e.1.saturating_add(latency.as_micros() as u64);
+    }
+
+    /// (provider, outcome, attempts, total latency µs), sorted.
+    pub fn snapshot(&self) -> Vec<(String, &'static str, u64, u64)> {
+        self.map
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|((p, o), (n, us))| (p.clone(), *o, *n, *us))
+            .collect()
+    }
 }
 
 enum End {
@@ -54,7 +88,19 @@ fn timeout_error() -> ProviderError {
 
 /// Runs the attempt and reports its outcome; the permit drops at the end.
 pub(crate) async fn run(task: AttemptTask, permit: Permit) {
+    let started = std::time::Instant::now();
     let end = attempt(&task).await;
+    let outcome = match &end {
+        End::Report(Ok(_)) => "succeeded",
+        End::Report(Err(e)) => match e.class {
+            ErrorClass::Transient => "transient",
+            ErrorClass::Throttled { .. } => "throttled",
+            ErrorClass::Permanent => "permanent",
+        },
+        End::Abandoned => "abandoned",
+    };
+    task.stats
+        .record(&task.provider_name, outcome, started.elapsed());
     if let End::Report(result) = end {
         // If the actor is gone (engine stopping), the outcome is lost with it; a restart
         // resumes the item from the log (its job id, if recorded, is polled again).

@@ -38,7 +38,7 @@ use crate::engine::events::Record;
 use crate::engine::scheduler::Scheduler;
 use crate::engine::wallet::state::{Hold, WalletError};
 use crate::engine::{journal, Clock, Engine};
-use crate::ids::{BatchId, TenantId};
+use crate::ids::{BatchId, KeyId, TenantId};
 use crate::providers::Registry;
 
 /// How attempts run. Every bound is here, with its default.
@@ -128,6 +128,8 @@ pub struct PlanLimits {
     pub concurrency: u32,
     /// Downloads must be watermarked (make the watermarked rendition).
     pub watermark: bool,
+    /// Items the tenant may create per UTC day (`u64::MAX`: no cap).
+    pub items_per_day: u64,
 }
 
 /// A batch creation or quote request (SPEC §11 body).
@@ -143,6 +145,10 @@ pub struct BatchRequest {
     pub request_id: Option<String>,
     /// Seconds until items not started fail `batch.expired`.
     pub expires_in_s: Option<u64>,
+    /// The API key making the request.
+    pub api_key: Option<KeyId>,
+    /// That key's cap on credits held per UTC day.
+    pub key_daily_credit_limit: Option<u64>,
 }
 
 /// A quote (SPEC §11 `POST /v1/batches/quote`).
@@ -182,6 +188,20 @@ pub enum BatchError {
     /// `retry-failed` on a batch without failed items.
     #[error("the batch has no failed items to retry")]
     NothingToRetry,
+    /// The tenant's items per UTC day would be exceeded.
+    #[error("the plan allows {limit} items per day; {used} were created today")]
+    DailyItems {
+        limit: u64,
+        used: u64,
+        retry_after_s: u64,
+    },
+    /// The key's credits per UTC day would be exceeded.
+    #[error("the key may commit {limit} credits per day; {used} were committed today")]
+    KeySpend {
+        limit: u64,
+        used: u64,
+        retry_after_s: u64,
+    },
     /// The log refused a write: nothing was acknowledged.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -196,6 +216,8 @@ impl BatchError {
                 "invalid_request"
             }
             BatchError::InsufficientCredits { .. } => "insufficient_credits",
+            BatchError::DailyItems { .. } => "plan_limit_exceeded",
+            BatchError::KeySpend { .. } => "key_spend_limit_exceeded",
             BatchError::NotFound => "not_found",
             BatchError::KeyReused(_) => "idempotency_key_reused",
             BatchError::Unavailable(_) => "unavailable",
@@ -329,6 +351,8 @@ pub(crate) struct BatchCtx {
     pub dir: Arc<Directory>,
     /// Refusals by the wallet that should be impossible (reconciliation reports them).
     pub anomalies: AtomicU64,
+    /// Attempt outcomes per provider (metrics).
+    pub provider_stats: Arc<attempt::ProviderStats>,
 }
 
 #[derive(Default)]
@@ -341,6 +365,64 @@ pub(crate) struct DirState {
     pub by_tenant: BTreeSet<(TenantId, BatchId)>,
     /// (tenant, request id) → (batch, request fingerprint).
     pub requests: HashMap<(TenantId, String), (BatchId, [u8; 32])>,
+    /// (tenant, UTC day) → items created that day (daily item caps). Derived from the
+    /// batches, so it is rebuilt by recovery; days before yesterday are pruned.
+    pub day_items: HashMap<(TenantId, u64), u64>,
+    /// (key, UTC day) → credits held by batches the key created that day.
+    pub day_key_credits: HashMap<(KeyId, u64), u64>,
+    /// The newest day counters were pruned for.
+    pub pruned_day: u64,
+}
+
+/// Milliseconds per UTC day.
+pub const DAY_MS: u64 = 86_400_000;
+
+/// Daily limits that apply to one creation.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DailyCaps {
+    items_per_day: u64,
+    key_credits_per_day: Option<u64>,
+}
+
+fn caps(req: &BatchRequest, plan: &PlanLimits) -> DailyCaps {
+    DailyCaps {
+        items_per_day: plan.items_per_day,
+        key_credits_per_day: req.key_daily_credit_limit,
+    }
+}
+
+impl DailyCaps {
+    /// Refuses a creation that would pass a daily cap (checked under the directory lock,
+    /// so two concurrent creations cannot both slip under it).
+    fn check(
+        &self,
+        d: &DirState,
+        tenant: TenantId,
+        spec: &BatchSpec,
+        now_ms: u64,
+    ) -> Result<(), BatchError> {
+        let day = now_ms / DAY_MS;
+        let retry_after_s = ((day + 1) * DAY_MS - now_ms).div_ceil(1000);
+        let used = d.day_items.get(&(tenant, day)).copied().unwrap_or(0);
+        if used.saturating_add(spec.items as u64) > self.items_per_day {
+            return Err(BatchError::DailyItems {
+                limit: self.items_per_day,
+                used,
+                retry_after_s,
+            });
+        }
+        if let (Some(key), Some(limit)) = (spec.api_key, self.key_credits_per_day) {
+            let used = d.day_key_credits.get(&(key, day)).copied().unwrap_or(0);
+            if used.saturating_add(spec.total()) > limit {
+                return Err(BatchError::KeySpend {
+                    limit,
+                    used,
+                    retry_after_s,
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Batch id → actor or finished state.
@@ -363,9 +445,33 @@ impl Directory {
         if let Some(r) = &state.spec.request_id {
             d.requests.remove(&(state.tenant, r.clone()));
         }
+        // A rejected batch held nothing: it does not count against the day.
+        let day = state.created_at_ms / DAY_MS;
+        if let Some(n) = d.day_items.get_mut(&(state.tenant, day)) {
+            *n = n.saturating_sub(state.spec.items as u64);
+        }
+        if let Some(k) = state.spec.api_key {
+            if let Some(c) = d.day_key_credits.get_mut(&(k, day)) {
+                *c = c.saturating_sub(state.spec.total());
+            }
+        }
     }
 
     fn insert(&self, d: &mut DirState, state: &BatchState) {
+        let day = state.created_at_ms / DAY_MS;
+        let items = d.day_items.entry((state.tenant, day)).or_insert(0);
+        *items = items.saturating_add(state.spec.items as u64);
+        if let Some(k) = state.spec.api_key {
+            let c = d.day_key_credits.entry((k, day)).or_insert(0);
+            *c = c.saturating_add(state.spec.total());
+        }
+        // Bounded: when the first batch of a new day arrives, counters older than
+        // yesterday go (once per day, so the sweep costs nothing per creation).
+        if day > d.pruned_day {
+            d.pruned_day = day;
+            d.day_items.retain(|(_, dd), _| *dd + 1 >= day);
+            d.day_key_credits.retain(|(_, dd), _| *dd + 1 >= day);
+        }
         d.by_tenant.insert((state.tenant, state.id));
         if let Some(r) = &state.spec.request_id {
             d.requests.insert(
@@ -374,6 +480,15 @@ impl Directory {
             );
         }
     }
+}
+
+fn add_counts(c: &mut Counts, x: &Counts) {
+    c.total += x.total;
+    c.pending += x.pending;
+    c.running += x.running;
+    c.succeeded += x.succeeded;
+    c.failed += x.failed;
+    c.canceled += x.canceled;
 }
 
 /// Expansion of a recorded spec (validated when it was created; today's limits do not apply).
@@ -468,7 +583,8 @@ impl Engine {
         let items = u32::try_from(expansion.count())
             .map_err(|_| BatchError::Invalid("too many items for one batch".into()))?;
         let spec = self.new_spec(req, plan, &priced, items, Vec::new(), None, &expansion)?;
-        self.start_batch(tenant, spec, expansion).await
+        self.start_batch(tenant, spec, expansion, caps(req, plan))
+            .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -520,6 +636,7 @@ impl Engine {
             retry_of,
             watermark: plan.watermark,
             tenant_concurrency: plan.concurrency.max(1),
+            api_key: req.api_key,
             expires_at_ms: self
                 .now_ms()
                 .saturating_add(expires_in.saturating_mul(1000)),
@@ -531,6 +648,7 @@ impl Engine {
         tenant: TenantId,
         spec: BatchSpec,
         expansion: Expansion,
+        caps: DailyCaps,
     ) -> Result<BatchView, BatchError> {
         let wallet = self.addr(tenant).map_err(|_| BatchError::NotFound)?;
         let ctx = Arc::clone(self.batch_ctx());
@@ -546,6 +664,7 @@ impl Engine {
                 Some((id, fp)) => Err((id, fp)),
                 None => {
                     let now = self.now_ms();
+                    caps.check(&d, tenant, &spec, now)?;
                     let id = BatchId::generate(now);
                     let event = BatchEvent::Created {
                         tenant,
@@ -785,6 +904,8 @@ impl Engine {
         id: BatchId,
         request_id: Option<String>,
         plan: &PlanLimits,
+        api_key: Option<KeyId>,
+        key_daily_credit_limit: Option<u64>,
     ) -> Result<BatchView, BatchError> {
         let source = self.batch_state(tenant, id).await?;
         let failed: Vec<u64> = source
@@ -810,12 +931,48 @@ impl Engine {
             params: source.spec.params.clone(),
             request_id,
             expires_in_s: None,
+            api_key,
+            key_daily_credit_limit,
         };
         let priced = self.inner.cfg.batch.prices.price(&req.params)?;
         let expansion = expansion_of(&source.spec);
         let items = failed.len() as u32;
         let spec = self.new_spec(&req, plan, &priced, items, failed, Some(id), &expansion)?;
-        self.start_batch(tenant, spec, expansion).await
+        self.start_batch(tenant, spec, expansion, caps(&req, plan))
+            .await
+    }
+
+    /// Attempt outcomes per provider: (provider, outcome, attempts, total latency µs).
+    pub fn provider_stats(&self) -> Vec<(String, &'static str, u64, u64)> {
+        self.batch_ctx().provider_stats.snapshot()
+    }
+
+    /// Items by state over every batch (active ones read from their actors).
+    pub async fn item_counts(&self) -> Result<Counts, BatchError> {
+        let (mut c, addrs) = {
+            let d = self.batch_ctx().dir.map.read().expect("not poisoned");
+            let mut c = Counts::default();
+            for (s, _) in d.finished.values() {
+                add_counts(&mut c, &s.counts);
+            }
+            let addrs: Vec<Addr<BatchActor>> = d.active.values().map(|(_, a)| a.clone()).collect();
+            (c, addrs)
+        };
+        for chunk in addrs.chunks(1024) {
+            let pending: Vec<_> = chunk.iter().map(|a| a.send(Read::View)).collect();
+            for p in pending {
+                if let Ok((ReadAnswer::View(v), _)) = p.await {
+                    add_counts(&mut c, &v.counts);
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    /// Every batch id known now (active and finished).
+    pub(crate) fn batch_ids(&self) -> Vec<BatchId> {
+        let d = self.batch_ctx().dir.map.read().expect("not poisoned");
+        d.by_tenant.iter().map(|(_, b)| *b).collect()
     }
 
     /// Waits until the batch is finished (tests, the demo, `submit --wait`).

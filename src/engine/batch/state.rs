@@ -18,7 +18,7 @@
 //! `held == settled + released` (asserted).
 
 use crate::engine::batch::pricing::Params;
-use crate::ids::{BatchId, TenantId, VideoId};
+use crate::ids::{BatchId, KeyId, TenantId, VideoId};
 
 /// Everything fixed at creation (recorded in `Created`).
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -53,6 +53,8 @@ pub struct BatchSpec {
     pub tenant_concurrency: u32,
     /// Items not started by then fail with `batch.expired`.
     pub expires_at_ms: u64,
+    /// The API key that created it (per-key daily spend caps, usage, audit).
+    pub api_key: Option<KeyId>,
 }
 
 impl BatchSpec {

@@ -1,0 +1,200 @@
+//! Engine values → the JSON shapes of SPEC §11 (one function per shape, so every route
+//! that shows a batch shows it the same way).
+
+use serde_json::{json, Value};
+
+use crate::api::json::rfc3339;
+use crate::engine::accounts::{scope_names, ApiKey, Tenant};
+use crate::engine::batch::{BatchView, ItemView, Quote};
+use crate::engine::wallet::ledger::{hex, LedgerEntry};
+use crate::engine::wallet::state::{Balances, Statement};
+use crate::ids::TenantId;
+
+pub fn batch(v: &BatchView) -> Value {
+    json!({
+        "id": v.id.to_string(),
+        "object": "batch",
+        "status": v.status.as_str(),
+        "unit_price": v.unit_price,
+        "total": v.total,
+        "counts": {
+            "total": v.counts.total,
+            "pending": v.counts.pending,
+            "running": v.counts.running,
+            "succeeded": v.counts.succeeded,
+            "failed": v.counts.failed,
+            "canceled": v.counts.canceled,
+        },
+        "credits": {
+            "held": v.held,
+            "settled": v.settled,
+            "released": v.released,
+            "remaining": v.remaining,
+        },
+        "template": v.template,
+        "params": {
+            "model": v.params.model,
+            "duration_seconds": v.params.duration_seconds,
+            "resolution": v.params.resolution,
+            "aspect_ratio": v.params.aspect_ratio,
+        },
+        "provider": v.provider,
+        "request_id": v.request_id,
+        "retry_of": v.retry_of.map(|b| b.to_string()),
+        "cancel_requested": v.cancel_requested,
+        "created_at": rfc3339(v.created_at_ms),
+        "expires_at": rfc3339(v.expires_at_ms),
+        "finished_at": v.finished_at_ms.map(rfc3339),
+    })
+}
+
+pub fn item(v: &ItemView) -> Value {
+    json!({
+        "id": v.id,
+        "object": "item",
+        "index": v.index,
+        "prompt": v.prompt,
+        "status": v.status.as_str(),
+        "failure_code": v.failure.as_ref().map(|f| f.code.clone()),
+        "failure_message": v.failure.as_ref().map(|f| f.message.clone()),
+        "attempts": v.attempts,
+        "video_id": v.output.as_ref().map(|o| o.video.to_string()),
+    })
+}
+
+pub fn quote(q: &Quote) -> Value {
+    json!({
+        "items": q.items,
+        "unit_price": q.unit_price,
+        "total": q.total,
+        "sample_prompts": q.sample_prompts,
+    })
+}
+
+pub fn wallet(tenant: TenantId, b: &Balances) -> Value {
+    json!({
+        "object": "wallet",
+        "tenant_id": tenant.to_string(),
+        "available": b.available,
+        "held": b.held,
+        "granted": b.granted,
+        "spent": b.spent,
+        "released": b.released,
+        "adjusted": b.adjusted,
+        "expired": b.expired,
+        "low_balance_threshold": b.low_balance_threshold,
+    })
+}
+
+/// `led_<tenant's 26 characters>_<seq>`.
+pub fn entry_id(tenant: TenantId, seq: u64) -> String {
+    let t = tenant.to_string();
+    format!("led_{}_{seq}", &t[TenantId::PREFIX.len()..])
+}
+
+pub fn ledger_entry(tenant: TenantId, e: &LedgerEntry, prev_hash: Option<&[u8; 32]>) -> Value {
+    let amount = if e.negative {
+        json!(-(e.amount as i128) as i64)
+    } else {
+        json!(e.amount)
+    };
+    let mut v = json!({
+        "id": entry_id(tenant, e.seq),
+        "object": "ledger_entry",
+        "tenant_id": tenant.to_string(),
+        "seq": e.seq,
+        "kind": e.kind.as_str(),
+        "amount": amount,
+        "available_after": e.available_after,
+        "held_after": e.held_after,
+        "batch_id": e.batch.map(|b| b.to_string()),
+        "item_id": match (e.batch, e.item) {
+            (Some(b), Some(i)) => Some(crate::ids::item_id(b, i)),
+            _ => None,
+        },
+        "item_index": e.item,
+        "grant": e.grant,
+        "parts": e.parts.iter().map(|(g, a)| json!({"grant": g, "amount": a})).collect::<Vec<_>>(),
+        "request_id": e.request_id,
+        "reason": e.reason,
+        "at": rfc3339(e.at_ms),
+        "hash": hex(&e.hash),
+    });
+    if let Some(p) = prev_hash {
+        v["prev_hash"] = json!(hex(p));
+    }
+    v
+}
+
+pub fn statement(tenant: TenantId, s: &Statement) -> Value {
+    json!({
+        "object": "statement",
+        "tenant_id": tenant.to_string(),
+        "from": rfc3339(s.from_ms),
+        "to": rfc3339(s.to_ms),
+        "opening": {"available": s.opening_available, "held": s.opening_held},
+        "top_ups": s.top_ups,
+        "held": s.held,
+        "settled": s.settled,
+        "released": s.released,
+        "expired": s.expired,
+        "adjusted": s.adjusted as i64,
+        "settled_by_batch": s.settled_by_batch.iter()
+            .map(|(b, c)| json!({"batch_id": b.to_string(), "credits": c})).collect::<Vec<_>>(),
+        "settled_by_grant": s.settled_by_grant.iter()
+            .map(|(g, c)| json!({"grant": g, "credits": c})).collect::<Vec<_>>(),
+        "closing": {"available": s.closing_available, "held": s.closing_held},
+        "entries": s.entries,
+    })
+}
+
+/// The statement as CSV: `line,reference,credits`.
+pub fn statement_csv(s: &Statement) -> String {
+    let mut out = String::from("line,reference,credits\n");
+    let mut row = |line: &str, reference: &str, credits: String| {
+        out.push_str(&format!("{line},{reference},{credits}\n"));
+    };
+    row("from", &rfc3339(s.from_ms), String::new());
+    row("to", &rfc3339(s.to_ms), String::new());
+    row("opening_available", "", s.opening_available.to_string());
+    row("opening_held", "", s.opening_held.to_string());
+    row("top_ups", "", s.top_ups.to_string());
+    row("held", "", s.held.to_string());
+    row("settled", "", s.settled.to_string());
+    row("released", "", s.released.to_string());
+    row("expired", "", s.expired.to_string());
+    row("adjusted", "", s.adjusted.to_string());
+    for (b, c) in &s.settled_by_batch {
+        row("settled_by_batch", &b.to_string(), c.to_string());
+    }
+    for (g, c) in &s.settled_by_grant {
+        row("settled_by_grant", &format!("grant_{g}"), c.to_string());
+    }
+    row("closing_available", "", s.closing_available.to_string());
+    row("closing_held", "", s.closing_held.to_string());
+    out
+}
+
+pub fn tenant(t: &Tenant) -> Value {
+    json!({
+        "id": t.id.to_string(),
+        "object": "tenant",
+        "name": t.name,
+        "plan": t.plan,
+        "created_at": rfc3339(t.created_at_ms),
+    })
+}
+
+pub fn key(k: &ApiKey) -> Value {
+    json!({
+        "id": k.id.to_string(),
+        "object": "api_key",
+        "tenant_id": k.tenant.to_string(),
+        "name": k.name,
+        "scopes": scope_names(k.scopes),
+        "daily_credit_limit": k.daily_credit_limit,
+        "expires_at": k.expires_at_ms.map(rfc3339),
+        "created_at": rfc3339(k.created_at_ms),
+        "revoked_at": k.revoked_at_ms.map(rfc3339),
+    })
+}

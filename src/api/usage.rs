@@ -1,0 +1,340 @@
+//! Per-key usage: requests by route and status class, credits committed and latency
+//! percentiles, kept per minute (counts, last `MINUTES_KEPT`), per hour (with an HDR
+//! histogram, last `HOURS_KEPT`) and per day (with a histogram, last `DAYS_KEPT`).
+//!
+//! In memory only: usage is operational insight, not money (money is in the ledger), so a
+//! restart starts it afresh rather than costing a WAL write per request. Bounded: at most
+//! `MINUTES_KEPT + HOURS_KEPT + DAYS_KEPT` buckets per key, histograms at 1 significant
+//! figure (~1.4 KB each), so ≈ 115 KB for a key active every hour of a month. Sharded
+//! locks keep the per-request cost off a single mutex.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+use crate::api::json::rfc3339;
+use crate::ids::{KeyId, TenantId};
+
+pub const MINUTES_KEPT: usize = 120;
+pub const HOURS_KEPT: usize = 48;
+pub const DAYS_KEPT: usize = 31;
+const SHARDS: usize = 16;
+/// Longest latency recorded (longer ones are clamped), in µs.
+const LATENCY_US_MAX: u64 = 600_000_000;
+
+struct Bucket {
+    start_ms: u64,
+    requests: u64,
+    /// route → counts by status class (1xx..5xx).
+    by_route: HashMap<&'static str, [u64; 5]>,
+    credits: u64,
+    latency_us: Option<Histogram<u32>>,
+}
+
+impl Bucket {
+    fn new(start_ms: u64, with_histogram: bool) -> Self {
+        Bucket {
+            start_ms,
+            requests: 0,
+            by_route: HashMap::new(),
+            credits: 0,
+            latency_us: with_histogram
+                .then(|| Histogram::new_with_bounds(1, LATENCY_US_MAX, 1).expect("valid bounds")),
+        }
+    }
+
+    fn add(&mut self, route: &'static str, class: usize, latency_us: u64, credits: u64) {
+        self.requests += 1;
+        self.by_route.entry(route).or_insert([0; 5])[class] += 1;
+        self.credits = self.credits.saturating_add(credits);
+        if let Some(h) = &mut self.latency_us {
+            h.saturating_record(latency_us.clamp(1, LATENCY_US_MAX));
+        }
+    }
+
+    fn json(&self, key: KeyId) -> Value {
+        let mut classes = [0u64; 5];
+        let mut routes = serde_json::Map::new();
+        let mut names: Vec<&&'static str> = self.by_route.keys().collect();
+        names.sort();
+        for r in names {
+            let c = self.by_route[*r];
+            for (i, n) in c.iter().enumerate() {
+                classes[i] += n;
+            }
+            routes.insert((*r).to_owned(), class_json(&c));
+        }
+        let latency = self.latency_us.as_ref().filter(|h| !h.is_empty()).map(|h| {
+            let ms = |us: u64| us as f64 / 1000.0;
+            json!({
+                "p50": ms(h.value_at_quantile(0.5)),
+                "p90": ms(h.value_at_quantile(0.9)),
+                "p99": ms(h.value_at_quantile(0.99)),
+                "max": ms(h.max()),
+            })
+        });
+        json!({
+            "key_id": key.to_string(),
+            "start": rfc3339(self.start_ms),
+            "requests": self.requests,
+            "by_status_class": class_json(&classes),
+            "by_route": routes,
+            "credits": self.credits,
+            "latency_ms": latency,
+        })
+    }
+}
+
+fn class_json(c: &[u64; 5]) -> Value {
+    json!({"1xx": c[0], "2xx": c[1], "3xx": c[2], "4xx": c[3], "5xx": c[4]})
+}
+
+struct KeyUsage {
+    tenant: TenantId,
+    minutes: VecDeque<Bucket>,
+    hours: VecDeque<Bucket>,
+    days: VecDeque<Bucket>,
+}
+
+fn bump(q: &mut VecDeque<Bucket>, start_ms: u64, keep: usize, hist: bool) -> &mut Bucket {
+    if q.back().is_none_or(|b| b.start_ms < start_ms) {
+        q.push_back(Bucket::new(start_ms, hist));
+        while q.len() > keep {
+            q.pop_front();
+        }
+    }
+    // A clock step backwards lands in the newest bucket rather than reordering them.
+    q.back_mut().expect("just ensured")
+}
+
+/// All keys' usage.
+pub struct Usage {
+    shards: Vec<Mutex<HashMap<KeyId, KeyUsage>>>,
+}
+
+impl Default for Usage {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Usage {
+    pub fn new() -> Self {
+        Usage {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    fn shard(&self, key: KeyId) -> &Mutex<HashMap<KeyId, KeyUsage>> {
+        &self.shards[(key.0 % SHARDS as u128) as usize]
+    }
+
+    /// Counts one request.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record(
+        &self,
+        key: KeyId,
+        tenant: TenantId,
+        route: &'static str,
+        status: StatusCode,
+        latency: Duration,
+        credits: u64,
+        now_ms: u64,
+    ) {
+        let class = ((status.as_u16() / 100) as usize).clamp(1, 5) - 1;
+        let us = latency.as_micros().min(u64::MAX as u128) as u64;
+        let mut m = self.shard(key).lock().expect("not poisoned");
+        let u = m.entry(key).or_insert_with(|| KeyUsage {
+            tenant,
+            minutes: VecDeque::new(),
+            hours: VecDeque::new(),
+            days: VecDeque::new(),
+        });
+        bump(
+            &mut u.minutes,
+            now_ms / 60_000 * 60_000,
+            MINUTES_KEPT,
+            false,
+        )
+        .add(route, class, us, credits);
+        bump(
+            &mut u.hours,
+            now_ms / 3_600_000 * 3_600_000,
+            HOURS_KEPT,
+            true,
+        )
+        .add(route, class, us, credits);
+        bump(
+            &mut u.days,
+            now_ms / 86_400_000 * 86_400_000,
+            DAYS_KEPT,
+            true,
+        )
+        .add(route, class, us, credits);
+    }
+
+    /// The tenant's buckets in `[from_ms, to_ms)` (by bucket start), per key.
+    pub fn query(
+        &self,
+        tenant: TenantId,
+        key: Option<KeyId>,
+        granularity: Granularity,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Value {
+        let mut data = Vec::new();
+        for shard in &self.shards {
+            let m = shard.lock().expect("not poisoned");
+            for (k, u) in m.iter() {
+                if u.tenant != tenant || key.is_some_and(|want| want != *k) {
+                    continue;
+                }
+                let q = match granularity {
+                    Granularity::Minute => &u.minutes,
+                    Granularity::Hour => &u.hours,
+                    Granularity::Day => &u.days,
+                };
+                for b in q
+                    .iter()
+                    .filter(|b| b.start_ms >= from_ms && b.start_ms < to_ms)
+                {
+                    data.push((b.start_ms, *k, b.json(*k)));
+                }
+            }
+        }
+        data.sort_by_key(|(s, k, _)| (*s, *k));
+        json!({
+            "object": "usage",
+            "granularity": granularity.as_str(),
+            "from": rfc3339(from_ms),
+            "to": rfc3339(to_ms),
+            "data": data.into_iter().map(|(_, _, v)| v).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Top tenants (by requests) and routes over the last `window_ms` (hour buckets).
+    pub fn top(&self, now_ms: u64, window_ms: u64, limit: usize) -> Value {
+        let since = (now_ms.saturating_sub(window_ms)) / 3_600_000 * 3_600_000;
+        let mut tenants: HashMap<TenantId, (u64, u64, u64)> = HashMap::new();
+        let mut routes: HashMap<&'static str, [u64; 5]> = HashMap::new();
+        for shard in &self.shards {
+            let m = shard.lock().expect("not poisoned");
+            for u in m.values() {
+                for b in u.hours.iter().filter(|b| b.start_ms >= since) {
+                    let t = tenants.entry(u.tenant).or_default();
+                    t.0 += b.requests;
+                    t.1 = t.1.saturating_add(b.credits);
+                    for (r, c) in &b.by_route {
+                        let e = routes.entry(r).or_insert([0; 5]);
+                        for i in 0..5 {
+                            e[i] += c[i];
+                        }
+                        t.2 += c[3] + c[4];
+                    }
+                }
+            }
+        }
+        let mut t: Vec<(TenantId, (u64, u64, u64))> = tenants.into_iter().collect();
+        t.sort_by(|a, b| b.1 .0.cmp(&a.1 .0).then(a.0.cmp(&b.0)));
+        t.truncate(limit);
+        let mut r: Vec<(&'static str, [u64; 5])> = routes.into_iter().collect();
+        r.sort_by(|a, b| {
+            b.1.iter()
+                .sum::<u64>()
+                .cmp(&a.1.iter().sum::<u64>())
+                .then(a.0.cmp(b.0))
+        });
+        r.truncate(limit);
+        json!({
+            "object": "usage_top",
+            "since": rfc3339(since),
+            "tenants": t.iter().map(|(id, (req, cr, err))| json!({
+                "tenant_id": id.to_string(), "requests": req, "credits": cr, "errors": err,
+            })).collect::<Vec<_>>(),
+            "routes": r.iter().map(|(name, c)| json!({
+                "route": name, "requests": c.iter().sum::<u64>(), "by_status_class": class_json(c),
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Bucket size of a usage query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granularity {
+    Minute,
+    Hour,
+    Day,
+}
+
+impl Granularity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Granularity::Minute => "minute",
+            Granularity::Hour => "hour",
+            Granularity::Day => "day",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_roll_and_stay_bounded() {
+        let u = Usage::new();
+        let (k, t) = (KeyId(7), TenantId(1));
+        let h = 3_600_000;
+        for i in 0..(HOURS_KEPT as u64 + 5) {
+            u.record(
+                k,
+                t,
+                "GET /v1/wallet",
+                StatusCode::OK,
+                Duration::from_millis(2),
+                0,
+                i * h,
+            );
+        }
+        u.record(
+            k,
+            t,
+            "POST /v1/batches",
+            StatusCode::CREATED,
+            Duration::from_millis(9),
+            40,
+            60 * h,
+        );
+        u.record(
+            k,
+            t,
+            "POST /v1/batches",
+            StatusCode::PAYMENT_REQUIRED,
+            Duration::from_millis(1),
+            0,
+            60 * h,
+        );
+        let v = u.query(t, None, Granularity::Hour, 0, u64::MAX);
+        let data = v["data"].as_array().unwrap();
+        assert_eq!(data.len(), HOURS_KEPT, "old hours are dropped");
+        let last = data.last().unwrap();
+        assert_eq!(last["requests"], 2);
+        assert_eq!(last["credits"], 40);
+        assert_eq!(last["by_route"]["POST /v1/batches"]["4xx"], 1);
+        assert!(last["latency_ms"]["p99"].as_f64().unwrap() >= 8.0);
+        assert_eq!(
+            u.query(TenantId(2), None, Granularity::Day, 0, u64::MAX)["data"]
+                .as_array()
+                .unwrap()
+                .len(),
+            0
+        );
+        let top = u.top(60 * h, h, 10);
+        assert_eq!(top["tenants"][0]["requests"], 2);
+        assert_eq!(top["tenants"][0]["errors"], 1);
+    }
+}
