@@ -130,8 +130,20 @@ pub async fn serve(
     stop: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(&Running),
 ) -> Result<(), ServeError> {
+    let ecfg = engine_config(&cfg, data_dir)?;
+    serve_engine(ecfg, cfg, listen, stop, on_ready).await
+}
+
+/// As `serve`, with the engine settings given (fault injection, test clocks).
+pub async fn serve_engine(
+    ecfg: EngineConfig,
+    cfg: Config,
+    listen: &str,
+    stop: impl Future<Output = ()> + Send + 'static,
+    on_ready: impl FnOnce(&Running),
+) -> Result<(), ServeError> {
+    let data_dir = ecfg.data_dir.clone();
     std::fs::create_dir_all(&data_dir)?;
-    let ecfg = engine_config(&cfg, data_dir.clone())?;
     let (engine, recovery) = tokio::task::spawn_blocking(move || Engine::open(ecfg))
         .await
         .map_err(|e| ServeError::Config(format!("recovery task: {e}")))??;
