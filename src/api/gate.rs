@@ -23,6 +23,38 @@ use crate::engine::Engine;
 #[derive(Clone, Copy, Debug)]
 pub struct CreditsCommitted(pub u64);
 
+/// A response whose state change the log has not acknowledged yet. The gate waits for
+/// it (or for the stored idempotent copy appended after it, which implies it) before the
+/// response leaves: a handler may build its answer while the change syncs, and one wait
+/// then covers both records.
+#[derive(Clone)]
+pub struct PendingAck(pub Arc<std::sync::Mutex<Option<crate::engine::Unacked>>>);
+
+impl PendingAck {
+    pub fn new(u: crate::engine::Unacked) -> Self {
+        PendingAck(Arc::new(std::sync::Mutex::new(Some(u))))
+    }
+
+    fn take(&self) -> Option<crate::engine::Unacked> {
+        self.0.lock().expect("not poisoned").take()
+    }
+}
+
+/// Waits for a response's pending acknowledgement, if any; a refusal becomes a 503.
+async fn settle_pending(resp: Response) -> Response {
+    let Some(p) = resp
+        .extensions()
+        .get::<PendingAck>()
+        .and_then(PendingAck::take)
+    else {
+        return resp;
+    };
+    match p.wait().await {
+        Ok(()) => resp,
+        Err(e) => Problem::unavailable(e.to_string()).into_response(),
+    }
+}
+
 /// Longest `Idempotency-Key`.
 pub const IDEMPOTENCY_KEY_CHARS_MAX: usize = 255;
 
@@ -37,13 +69,12 @@ fn bearer(h: &HeaderMap) -> Option<&str> {
 }
 
 /// Admin token check in constant time (over SHA-256 of both, so lengths leak nothing).
-fn admin_ok(configured: &str, presented: Option<&str>) -> bool {
+/// `configured` is the hash of the configured token, `None` when none is configured.
+fn admin_ok(configured: Option<&[u8; 32]>, presented: Option<&str>) -> bool {
     use subtle::ConstantTimeEq;
-    let Some(p) = presented else { return false };
-    if configured.is_empty() {
+    let (Some(a), Some(p)) = (configured, presented) else {
         return false;
-    }
-    let a: [u8; 32] = Sha256::digest(configured.as_bytes()).into();
+    };
     let b: [u8; 32] = Sha256::digest(p.as_bytes()).into();
     bool::from(a.ct_eq(&b))
 }
@@ -123,27 +154,23 @@ pub async fn gate(State(st): State<AppState>, mut req: Request, next: Next) -> R
     let Some(route) = route else {
         return next.run(req).await; // the method fallback answers
     };
-    let mut caller: Option<Caller> = None;
+    let mut caller: Option<Arc<Caller>> = None;
     let mut decision: Option<Decision> = None;
     let outcome: Result<(), Problem> = (|| match route.auth {
         Auth::Public => Ok(()),
         Auth::Admin => {
-            if admin_ok(&st.cfg.admin_token, bearer(req.headers())) {
+            if admin_ok(st.admin_token_hash.as_ref(), bearer(req.headers())) {
                 Ok(())
             } else {
                 Err(Problem::unauthorized("admin routes need the admin token"))
             }
         }
         Auth::Key(scope) => {
-            let key = bearer(req.headers())
+            let (key, tenant) = bearer(req.headers())
                 .and_then(|s| st.engine.authenticate(s))
                 .ok_or_else(|| {
                     Problem::unauthorized("missing, invalid, revoked or expired API key")
                 })?;
-            let tenant = st
-                .engine
-                .tenant(key.tenant)
-                .ok_or_else(|| Problem::unauthorized("the key's tenant does not exist"))?;
             let plan = st.cfg.plans.get(&tenant.plan).cloned().ok_or_else(|| {
                 Problem::forbidden(format!(
                     "the tenant's plan {:?} is not in the configuration",
@@ -152,8 +179,8 @@ pub async fn gate(State(st): State<AppState>, mut req: Request, next: Next) -> R
             })?;
             let d = st.limiters.check(&tenant.plan, key.id);
             decision = d;
-            let c = Caller { key, tenant, plan };
-            caller = Some(c.clone());
+            let c = Arc::new(Caller { key, tenant, plan });
+            caller = Some(Arc::clone(&c));
             if let Some(d) = d {
                 if !d.allowed {
                     return Err(Problem::new(
@@ -183,13 +210,13 @@ pub async fn gate(State(st): State<AppState>, mut req: Request, next: Next) -> R
         Err(p) => p.into_response(),
         Ok(()) => {
             if let Some(c) = &caller {
-                req.extensions_mut().insert(c.clone());
+                req.extensions_mut().insert(Arc::clone(c));
             }
             if route.mutating {
                 let scope = caller.as_ref().map_or(0, |c| c.tenant.id.0);
                 mutating(&st, route, scope, req, next).await
             } else {
-                next.run(req).await
+                settle_pending(next.run(req).await).await
             }
         }
     };
@@ -246,7 +273,7 @@ async fn mutating(
         Err(p) => return p.into_response(),
     };
     let Some(key) = key else {
-        return tokio::spawn(next.run(req))
+        return tokio::spawn(async move { settle_pending(next.run(req).await).await })
             .await
             .unwrap_or_else(|_| Problem::unavailable("the request failed").into_response());
     };
@@ -290,8 +317,12 @@ async fn mutating(
                 let status = resp.status();
                 // Only responses of requests that changed state are stored (SPEC §11).
                 if !status.is_success() {
-                    return resp;
+                    return settle_pending(resp).await;
                 }
+                let pending = resp
+                    .extensions()
+                    .get::<PendingAck>()
+                    .and_then(PendingAck::take);
                 let (parts, body) = resp.into_parts();
                 let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
                     return Problem::unavailable("the response could not be read").into_response();
@@ -317,11 +348,25 @@ async fn mutating(
                     at_ms: engine.now_ms(),
                 };
                 guard.armed = false;
-                if let Err(e) = engine.idempotency_complete(stored).await {
-                    // The state change itself is durable (the handler waited for it); only
-                    // the stored copy is not. A repeat re-runs the request, and the engine's
-                    // own operation keys return the same outcome.
-                    tracing::error!(error = %e, "storing an idempotent response failed");
+                let acked = match engine.idempotency_store(stored) {
+                    // Durable in log order: this covers the pending change too.
+                    Ok(durable) => {
+                        debug_assert!(pending.as_ref().is_none_or(|p| p.covered_by(durable.lsn())));
+                        durable.await.map(|_| ()).map_err(|e| e.to_string())
+                    }
+                    Err(e) => {
+                        // No stored copy: a repeat re-runs the request, and the engine's
+                        // own operation keys return the same outcome. The change itself
+                        // must still be acknowledged before anything is sent.
+                        tracing::error!(error = %e, "storing an idempotent response failed");
+                        match pending {
+                            Some(p) => p.wait().await.map_err(|e| e.to_string()),
+                            None => Ok(()),
+                        }
+                    }
+                };
+                if let Err(e) = acked {
+                    return Problem::unavailable(e).into_response();
                 }
                 Response::from_parts(parts, Body::from(bytes))
             });

@@ -38,6 +38,8 @@ pub struct AppState {
     pub limiters: Arc<ratelimit::Limiters>,
     pub usage: Arc<usage::Usage>,
     pub metrics: Arc<metrics::Metrics>,
+    /// SHA-256 of the admin token (`None`: no token, the admin API refuses everything).
+    pub admin_token_hash: Option<[u8; 32]>,
     /// False until recovery finished and while shutting down (`/readyz`).
     pub ready: Arc<AtomicBool>,
     /// Path pattern → its routes (one per method).
@@ -72,7 +74,12 @@ impl AppState {
         for r in routes::ROUTES {
             table.entry(r.path).or_default().push(r);
         }
+        let admin_token_hash = (!cfg.admin_token.is_empty()).then(|| {
+            use sha2::Digest;
+            sha2::Sha256::digest(cfg.admin_token.as_bytes()).into()
+        });
         AppState {
+            admin_token_hash,
             engine,
             limiters: Arc::new(limiters),
             usage: Arc::new(usage::Usage::new()),

@@ -499,12 +499,18 @@ impl crate::engine::Engine {
             .collect()
     }
 
-    /// The active key a presented secret belongs to, checked in constant time.
-    pub fn authenticate(&self, secret: &str) -> Option<ApiKey> {
+    /// The active key a presented secret belongs to (checked in constant time), with its
+    /// tenant, read under one lock.
+    pub fn authenticate(&self, secret: &str) -> Option<(ApiKey, Tenant)> {
         let id = key_of_secret(secret)?;
+        let now = self.now_ms();
         let acc = self.inner.accounts.read().expect("not poisoned");
         let key = acc.keys.get(&id)?;
-        (secret_matches(key, secret) && key.active(self.now_ms())).then(|| key.clone())
+        if !(secret_matches(key, secret) && key.active(now)) {
+            return None;
+        }
+        let tenant = acc.tenants.get(&key.tenant)?;
+        Some((key.clone(), tenant.clone()))
     }
 }
 

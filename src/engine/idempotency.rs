@@ -169,29 +169,32 @@ impl crate::engine::Engine {
             .abandon(scope, key);
     }
 
-    /// Stores the response of a keyed request that changed state; returns once durable.
-    pub async fn idempotency_complete(&self, response: StoredResponse) -> Result<(), wal::Error> {
-        let (scope, key) = (response.scope, response.key.clone());
-        let durable = {
-            let mut store = self.inner.responses.lock().expect("not poisoned");
-            let appended = self.inner.wal.append(&crate::engine::journal::encode(
-                &crate::engine::events::Record::Response(response.clone()),
-            ));
-            match appended {
-                Ok(d) => {
-                    self.inner
-                        .events_appended
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    store.insert(response, self.now_ms());
-                    d
-                }
-                Err(e) => {
-                    store.abandon(scope, &key);
-                    return Err(e);
-                }
-            }
+    /// Stores the response of a keyed request that changed state. The caller awaits the
+    /// returned handle before sending the response (it also covers every earlier append,
+    /// such as the state change itself: the log acknowledges in order).
+    pub fn idempotency_store(&self, response: StoredResponse) -> Result<wal::Durable, wal::Error> {
+        use crate::engine::events::Record;
+        // Encoded outside the lock; appended under it, so the log's order of stored
+        // responses is the store's order.
+        let record = Record::Response(response);
+        let payload = crate::engine::journal::encode(&record);
+        let Record::Response(response) = record else {
+            unreachable!("built just above")
         };
-        durable.await.map(|_| ())
+        let mut store = self.inner.responses.lock().expect("not poisoned");
+        match self.inner.wal.append(&payload) {
+            Ok(d) => {
+                self.inner
+                    .events_appended
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                store.insert(response, self.now_ms());
+                Ok(d)
+            }
+            Err(e) => {
+                store.abandon(response.scope, &response.key);
+                Err(e)
+            }
+        }
     }
 
     /// Idempotency keys remembered (metrics).

@@ -175,6 +175,30 @@ pub struct WalletOutcome {
     pub balances: Balances,
 }
 
+/// An outcome the log has not acknowledged yet (see `Engine::execute_unacked`).
+#[must_use = "an outcome may be shown only once acknowledged"]
+pub struct Unacked {
+    wait: wallet::actor::Wait,
+    wal: wal::Wal,
+}
+
+impl Unacked {
+    /// The LSN that must be acknowledged.
+    pub fn lsn(&self) -> u64 {
+        self.wait.lsn()
+    }
+
+    /// Waits for the acknowledgement.
+    pub async fn wait(self) -> Result<(), WalletError> {
+        wallet::actor::wait_for(&self.wal, self.wait).await
+    }
+
+    /// Acknowledged already when `later` (appended after this outcome) is durable.
+    pub fn covered_by(&self, later_lsn: u64) -> bool {
+        later_lsn > self.lsn()
+    }
+}
+
 struct Inner {
     cfg: EngineConfig,
     wal: wal::Wal,
@@ -555,6 +579,30 @@ impl Engine {
         gauge.fetch_sub(1, Ordering::Relaxed);
         let (entries, balances) = r?;
         Ok(WalletOutcome { entries, balances })
+    }
+
+    /// Runs a wallet command without waiting for its acknowledgement: the outcome is not
+    /// acknowledged yet, and must not be shown to anyone until `Unacked::wait` resolved,
+    /// or until something appended after it is durable (the log acknowledges in order).
+    /// Used by the HTTP layer to wait once for a command and its stored response.
+    pub async fn execute_unacked(
+        &self,
+        tenant: TenantId,
+        cmd: WalletCommand,
+    ) -> Result<(WalletOutcome, Unacked), WalletError> {
+        let addr = self.addr(tenant)?;
+        let gauge = &self.inner.wallet_ops_in_flight;
+        gauge.fetch_add(1, Ordering::Relaxed);
+        let r = wallet::actor::execute_unacked(&addr, cmd).await;
+        gauge.fetch_sub(1, Ordering::Relaxed);
+        let (entries, balances, wait) = r?;
+        Ok((
+            WalletOutcome { entries, balances },
+            Unacked {
+                wait,
+                wal: self.inner.wal.clone(),
+            },
+        ))
     }
 
     async fn read(&self, tenant: TenantId, read: Read) -> Result<ReadAnswer, WalletError> {

@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::api::gate::PendingAck;
 use crate::api::json::{json, page, parse_time_ms, path_id, JsonBody, QueryMap};
 use crate::api::problem::Problem;
 use crate::api::routes::views;
@@ -207,14 +208,22 @@ pub async fn revoke_key(
     Ok(json(StatusCode::OK, &views::key(&k)))
 }
 
-/// The entry of `kind` among an operation's entries (expiries it triggered come first).
-fn main_entry(t: TenantId, entries: &[LedgerEntry], kind: EntryKind) -> Result<Response, Problem> {
+/// The entry of `kind` among an operation's entries (expiries it triggered come first),
+/// sent once the gate has the operation acknowledged.
+fn main_entry(
+    t: TenantId,
+    entries: &[LedgerEntry],
+    kind: EntryKind,
+    pending: crate::engine::Unacked,
+) -> Result<Response, Problem> {
     let e = entries
         .iter()
         .rev()
         .find(|e| e.kind == kind)
         .ok_or_else(|| Problem::unavailable("the operation returned no ledger entry"))?;
-    Ok(json(StatusCode::CREATED, &views::ledger_entry(t, e, None)))
+    let mut r = json(StatusCode::CREATED, &views::ledger_entry(t, e, None));
+    r.extensions_mut().insert(PendingAck::new(pending));
+    Ok(r)
 }
 
 pub async fn top_up(
@@ -238,9 +247,9 @@ pub async fn top_up(
         .as_deref()
         .map(|s| parse_time_ms(s, "expires_at"))
         .transpose()?;
-    let out = st
+    let (out, pending) = st
         .engine
-        .execute(
+        .execute_unacked(
             t.id,
             WalletCommand::Grant {
                 request_id,
@@ -250,7 +259,7 @@ pub async fn top_up(
             },
         )
         .await?;
-    main_entry(t.id, &out.entries, EntryKind::TopUp)
+    main_entry(t.id, &out.entries, EntryKind::TopUp, pending)
 }
 
 pub async fn adjust(
@@ -270,9 +279,9 @@ pub async fn adjust(
             "reason must be 1..={REASON_CHARS_MAX} characters"
         )));
     }
-    let out = st
+    let (out, pending) = st
         .engine
-        .execute(
+        .execute_unacked(
             t.id,
             WalletCommand::Adjust {
                 request_id,
@@ -281,7 +290,7 @@ pub async fn adjust(
             },
         )
         .await?;
-    main_entry(t.id, &out.entries, EntryKind::Adjust)
+    main_entry(t.id, &out.entries, EntryKind::Adjust, pending)
 }
 
 pub async fn reconciliation(State(st): State<AppState>) -> Result<Response, Problem> {

@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use std::sync::Arc;
+
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -86,7 +88,7 @@ fn created(v: &crate::engine::batch::BatchView, status: StatusCode) -> Response 
 
 pub async fn quote(
     State(st): State<AppState>,
-    Extension(caller): Extension<Caller>,
+    Extension(caller): Extension<Arc<Caller>>,
     JsonBody(body): JsonBody<BatchBody>,
 ) -> Result<Response, Problem> {
     let req = request(body, &caller, None);
@@ -96,7 +98,7 @@ pub async fn quote(
 
 pub async fn create(
     State(st): State<AppState>,
-    Extension(caller): Extension<Caller>,
+    Extension(caller): Extension<Arc<Caller>>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<BatchBody>,
 ) -> Result<Response, Problem> {
@@ -110,7 +112,7 @@ pub async fn create(
 
 pub async fn list(
     State(st): State<AppState>,
-    Extension(caller): Extension<Caller>,
+    Extension(caller): Extension<Arc<Caller>>,
     q: QueryMap,
 ) -> Result<Response, Problem> {
     let limit = q.limit(&st)?;
@@ -133,7 +135,7 @@ pub async fn list(
 
 pub async fn get(
     State(st): State<AppState>,
-    Extension(caller): Extension<Caller>,
+    Extension(caller): Extension<Arc<Caller>>,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     let id: BatchId = path_id(&id)?;
@@ -143,7 +145,7 @@ pub async fn get(
 
 pub async fn items(
     State(st): State<AppState>,
-    Extension(caller): Extension<Caller>,
+    Extension(caller): Extension<Arc<Caller>>,
     Path(id): Path<String>,
     q: QueryMap,
 ) -> Result<Response, Problem> {
@@ -167,7 +169,7 @@ pub async fn items(
 
 pub async fn cancel(
     State(st): State<AppState>,
-    Extension(caller): Extension<Caller>,
+    Extension(caller): Extension<Arc<Caller>>,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     let id: BatchId = path_id(&id)?;
@@ -177,7 +179,7 @@ pub async fn cancel(
 
 pub async fn retry_failed(
     State(st): State<AppState>,
-    Extension(caller): Extension<Caller>,
+    Extension(caller): Extension<Arc<Caller>>,
     Path(id): Path<String>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<RetryBody>,

@@ -2,6 +2,8 @@
 
 use std::sync::atomic::Ordering;
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -46,7 +48,7 @@ pub async fn openapi() -> Response {
 /// The tenant's usage per key (`key_id` narrows it), by hour or day.
 pub async fn usage(
     State(st): State<AppState>,
-    Extension(caller): Extension<Caller>,
+    Extension(caller): Extension<Arc<Caller>>,
     q: QueryMap,
 ) -> Result<Response, Problem> {
     use crate::api::usage::Granularity;

@@ -1,5 +1,7 @@
 //! `/v1/wallet…`: balances, the ledger, statements (JSON and CSV).
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -13,7 +15,7 @@ use crate::engine::wallet::ledger::GENESIS_HASH;
 
 pub async fn get(
     State(st): State<AppState>,
-    Extension(caller): Extension<Caller>,
+    Extension(caller): Extension<Arc<Caller>>,
 ) -> Result<Response, Problem> {
     let b = st.engine.balances(caller.tenant.id).await?;
     Ok(json(StatusCode::OK, &views::wallet(caller.tenant.id, &b)))
@@ -23,7 +25,7 @@ pub async fn get(
 /// a client can check the chain page by page.
 pub async fn ledger(
     State(st): State<AppState>,
-    Extension(caller): Extension<Caller>,
+    Extension(caller): Extension<Arc<Caller>>,
     q: QueryMap,
 ) -> Result<Response, Problem> {
     let limit = q.limit(&st)?;
@@ -58,7 +60,7 @@ fn month_start_ms(now_ms: u64) -> u64 {
 
 pub async fn statement(
     State(st): State<AppState>,
-    Extension(caller): Extension<Caller>,
+    Extension(caller): Extension<Arc<Caller>>,
     q: QueryMap,
 ) -> Result<Response, Problem> {
     let now = st.engine.now_ms();

@@ -187,16 +187,42 @@ pub(crate) async fn execute(
     wal: &wal::Wal,
     cmd: WalletCommand,
 ) -> Result<(Vec<LedgerEntry>, Balances), WalletError> {
-    let unavailable = |e: &dyn std::fmt::Display| WalletError::Unavailable(e.to_string());
+    let (entries, balances, wait) = execute_unacked(addr, cmd).await?;
+    wait_for(wal, wait).await?;
+    Ok((entries, balances))
+}
+
+/// As `execute`, without waiting: the caller must `wait_for` the returned `Wait` (or a
+/// later append's durability, which implies it) before it acknowledges anything.
+pub(crate) async fn execute_unacked(
+    addr: &actix::Addr<WalletActor>,
+    cmd: WalletCommand,
+) -> Result<(Vec<LedgerEntry>, Balances, Wait), WalletError> {
     let done = addr
         .send(Execute { cmd })
         .await
-        .map_err(|e| unavailable(&e))??;
-    match done.wait {
+        .map_err(|e| WalletError::Unavailable(e.to_string()))??;
+    Ok((done.entries, done.balances, done.wait))
+}
+
+/// Waits until a command's outcome is acknowledged.
+pub(crate) async fn wait_for(wal: &wal::Wal, wait: Wait) -> Result<(), WalletError> {
+    let unavailable = |e: &dyn std::fmt::Display| WalletError::Unavailable(e.to_string());
+    match wait {
         Wait::Durable(d) => {
             d.await.map_err(|e| unavailable(&e))?;
         }
         Wait::Acked(lsn) => wal.wait_acked(lsn).await.map_err(|e| unavailable(&e))?,
     }
-    Ok((done.entries, done.balances))
+    Ok(())
+}
+
+impl Wait {
+    /// The LSN to be acknowledged.
+    pub fn lsn(&self) -> u64 {
+        match self {
+            Wait::Durable(d) => d.lsn(),
+            Wait::Acked(lsn) => *lsn,
+        }
+    }
 }
