@@ -13,11 +13,7 @@ use support::{Api, ADMIN};
 fn fsync_failure_makes_the_server_unready_and_refuse_writes() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = support::rt();
     let env = vec![("REELBATCH_ADMIN_TOKEN".to_string(), ADMIN.to_string())];
     let cfg = reelbatch::config::Config::load_with_env(None, env.clone()).unwrap();
     let mut ecfg = reelbatch::api::server::engine_config(&cfg, data.clone()).unwrap();
@@ -82,7 +78,7 @@ fn fsync_failure_makes_the_server_unready_and_refuse_writes() {
     let mut s = support::Server::new_in(&data, &[], &[]);
     s.spawn().unwrap();
     let api = s.api();
-    tokio::runtime::Runtime::new().unwrap().block_on(async {
+    support::rt().block_on(async {
         let w = api.get(&key, "/v1/wallet").await;
         assert_eq!(w.status, 200, "{}", w.text);
         // The refused top-up was never acknowledged: it may or may not have reached the

@@ -5,15 +5,7 @@
 mod support;
 
 use serde_json::{json, Value};
-use support::{Server, ADMIN};
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
+use support::{rt, Server, ADMIN};
 
 /// A 3 × 2 batch with one rejected style: 4 succeed, 2 fail.
 fn pilot() -> Value {

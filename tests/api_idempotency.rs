@@ -4,15 +4,7 @@
 mod support;
 
 use serde_json::{json, Value};
-use support::Server;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
+use support::{rt, Server};
 
 #[test]
 fn replay_mismatch_and_rejections_not_stored() {

@@ -14,12 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::{router, AppState};
-use crate::config::Config;
+use crate::config::{Config, HttpProviderConfig};
 use crate::engine::batch::{BatchConfig, ExecConfig};
 use crate::engine::{Engine, EngineConfig};
 use crate::providers::http::HttpConfig;
 use crate::providers::simulated::SimConfig;
-use crate::providers::Registry;
+use crate::providers::{Provider, ProviderError, Registry};
 
 /// Longest wait for in-flight requests at shutdown.
 pub const DRAIN_MAX: Duration = Duration::from_secs(30);
@@ -61,21 +61,23 @@ pub fn engine_config(cfg: &Config, data_dir: PathBuf) -> Result<EngineConfig, Se
         },
         s.concurrency_max,
     );
-    if cfg.provider.replicate.enabled {
-        let p = &cfg.provider.replicate;
-        let http = HttpConfig::from_env(&p.base_url, &p.token_env)
-            .map_err(|e| ServeError::Config(format!("provider.replicate: {e}")))?;
-        let r = crate::providers::replicate::Replicate::new(http)
-            .map_err(|e| ServeError::Config(format!("provider.replicate: {}", e.message)))?;
-        providers.insert("replicate", Arc::new(r), p.concurrency_max);
-    }
-    if cfg.provider.fal.enabled {
-        let p = &cfg.provider.fal;
-        let http = HttpConfig::from_env(&p.base_url, &p.token_env)
-            .map_err(|e| ServeError::Config(format!("provider.fal: {e}")))?;
-        let f = crate::providers::fal::Fal::new(http)
-            .map_err(|e| ServeError::Config(format!("provider.fal: {}", e.message)))?;
-        providers.insert("fal", Arc::new(f), p.concurrency_max);
+    type Make = fn(HttpConfig) -> Result<Arc<dyn Provider>, ProviderError>;
+    let http_providers: [(&str, &HttpProviderConfig, Make); 2] = [
+        ("replicate", &cfg.provider.replicate, |h| {
+            Ok(Arc::new(crate::providers::replicate::Replicate::new(h)?))
+        }),
+        ("fal", &cfg.provider.fal, |h| {
+            Ok(Arc::new(crate::providers::fal::Fal::new(h)?))
+        }),
+    ];
+    for (name, p, make) in http_providers {
+        if !p.enabled {
+            continue;
+        }
+        let err = |m: String| ServeError::Config(format!("provider.{name}: {m}"));
+        let http = HttpConfig::from_env(&p.base_url, &p.token_env).map_err(err)?;
+        let provider = make(http).map_err(|e| err(e.message))?;
+        providers.insert(name, provider, p.concurrency_max);
     }
     e.batch = BatchConfig {
         exec: ExecConfig {

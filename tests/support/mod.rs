@@ -12,6 +12,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+/// A 2-worker runtime for a test's client side.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// The admin token every test server gets.
 pub const ADMIN: &str = "test-admin-token";
 
