@@ -292,12 +292,10 @@ async fn mutating(
         )
         .retry_after(1)
         .into_response(),
-        Begin::Mismatch => Problem::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "idempotency_key_reused",
-            "this Idempotency-Key was used with a different request",
-        )
-        .into_response(),
+        Begin::Mismatch => {
+            Problem::key_reused("this Idempotency-Key was used with a different request")
+                .into_response()
+        }
         Begin::Full => {
             Problem::unavailable("too many idempotency keys are remembered; retry later")
                 .into_response()

@@ -149,6 +149,20 @@ pub fn json(status: StatusCode, v: &serde_json::Value) -> Response {
     (status, axum::Json(v)).into_response()
 }
 
+/// The cursor after a page: the last item's cursor when the page is full (there may be
+/// more), none otherwise.
+pub fn next_cursor<T>(
+    page: &[T],
+    limit: usize,
+    cursor_of: impl Fn(&T) -> String,
+) -> Option<String> {
+    if page.len() == limit {
+        page.last().map(cursor_of)
+    } else {
+        None
+    }
+}
+
 /// `{"data": [...], "next_cursor": ...}`.
 pub fn page(data: Vec<serde_json::Value>, next_cursor: Option<String>) -> Response {
     json(

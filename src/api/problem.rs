@@ -60,6 +60,13 @@ impl Problem {
             format!("the request body is larger than {limit} bytes"),
         )
     }
+    pub fn key_reused(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            detail,
+        )
+    }
     pub fn plan_limit(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "plan_limit_exceeded", detail)
     }
@@ -145,11 +152,7 @@ impl From<BatchError> for Problem {
             )
             .retry_after(retry_after_s),
             BatchError::NotFound => Problem::not_found(),
-            BatchError::KeyReused(_) => Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "idempotency_key_reused",
-                detail,
-            ),
+            BatchError::KeyReused(_) => Problem::key_reused(detail),
             BatchError::Unavailable(_) => Problem::unavailable(detail),
         }
     }
@@ -164,11 +167,7 @@ impl From<WalletError> for Problem {
             WalletError::InsufficientCredits { .. } => {
                 Problem::new(StatusCode::PAYMENT_REQUIRED, "insufficient_credits", detail)
             }
-            WalletError::KeyReused { .. } => Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "idempotency_key_reused",
-                detail,
-            ),
+            WalletError::KeyReused { .. } => Problem::key_reused(detail),
             _ => Problem::invalid(detail),
         }
     }
@@ -180,11 +179,7 @@ impl From<AccountError> for Problem {
         match e {
             AccountError::NotFound => Problem::not_found(),
             AccountError::Invalid(_) => Problem::invalid(detail),
-            AccountError::KeyReused(_) => Problem::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "idempotency_key_reused",
-                detail,
-            ),
+            AccountError::KeyReused(_) => Problem::key_reused(detail),
             AccountError::Unavailable(_) => Problem::unavailable(detail),
         }
     }

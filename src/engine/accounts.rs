@@ -10,7 +10,7 @@
 //! inside the secret finds the key without scanning, and the hashes are compared in
 //! constant time. No credit moves here: tenants' wallets are opened by the engine.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
 
@@ -220,15 +220,6 @@ impl AccountsState {
         self.keys
             .values()
             .find(|k| k.tenant == tenant && k.request_id.as_deref() == Some(request_id))
-    }
-
-    /// Keys per tenant (bounded by `KEYS_PER_TENANT_MAX`).
-    pub fn key_counts(&self) -> HashMap<TenantId, usize> {
-        let mut m = HashMap::new();
-        for k in self.keys.values() {
-            *m.entry(k.tenant).or_insert(0) += 1;
-        }
-        m
     }
 }
 

@@ -572,13 +572,9 @@ impl Engine {
         tenant: TenantId,
         cmd: WalletCommand,
     ) -> Result<WalletOutcome, WalletError> {
-        let addr = self.addr(tenant)?;
-        let gauge = &self.inner.wallet_ops_in_flight;
-        gauge.fetch_add(1, Ordering::Relaxed);
-        let r = wallet::actor::execute(&addr, &self.inner.wal, cmd).await;
-        gauge.fetch_sub(1, Ordering::Relaxed);
-        let (entries, balances) = r?;
-        Ok(WalletOutcome { entries, balances })
+        let (outcome, unacked) = self.execute_unacked(tenant, cmd).await?;
+        unacked.wait().await?;
+        Ok(outcome)
     }
 
     /// Runs a wallet command without waiting for its acknowledgement: the outcome is not

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::api::gate::PendingAck;
-use crate::api::json::{json, page, parse_time_ms, path_id, JsonBody, QueryMap};
+use crate::api::json::{json, next_cursor, page, parse_time_ms, path_id, JsonBody, QueryMap};
 use crate::api::problem::Problem;
 use crate::api::routes::views;
 use crate::api::AppState;
@@ -112,9 +112,7 @@ pub async fn list_tenants(State(st): State<AppState>, q: QueryMap) -> Result<Res
         ),
     };
     let list = st.engine.tenant_page(after, limit);
-    let next = (list.len() == limit)
-        .then(|| list.last().map(|t| t.id.to_string()))
-        .flatten();
+    let next = next_cursor(&list, limit, |t| t.id.to_string());
     Ok(page(list.iter().map(views::tenant).collect(), next))
 }
 

@@ -11,7 +11,7 @@ use axum::Extension;
 use serde::Deserialize;
 
 use crate::api::gate::CreditsCommitted;
-use crate::api::json::{json, page, path_id, JsonBody, QueryMap};
+use crate::api::json::{json, next_cursor, page, path_id, JsonBody, QueryMap};
 use crate::api::problem::Problem;
 use crate::api::routes::views;
 use crate::api::{AppState, Caller};
@@ -127,9 +127,7 @@ pub async fn list(
         .engine
         .list_batches(caller.tenant.id, after, limit)
         .await?;
-    let next = (list.len() == limit)
-        .then(|| list.last().map(|b| b.id.to_string()))
-        .flatten();
+    let next = next_cursor(&list, limit, |b| b.id.to_string());
     Ok(page(list.iter().map(views::batch).collect(), next))
 }
 
@@ -161,9 +159,7 @@ pub async fn items(
         .engine
         .batch_items(caller.tenant.id, id, from, limit as u32)
         .await?;
-    let next = (list.len() == limit)
-        .then(|| list.last().map(|i| (i.index + 1).to_string()))
-        .flatten();
+    let next = next_cursor(&list, limit, |i| (i.index + 1).to_string());
     Ok(page(list.iter().map(views::item).collect(), next))
 }
 

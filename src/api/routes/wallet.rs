@@ -7,7 +7,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 
-use crate::api::json::{json, page, rfc3339, QueryMap};
+use crate::api::json::{json, next_cursor, page, rfc3339, QueryMap};
 use crate::api::problem::Problem;
 use crate::api::routes::views;
 use crate::api::{AppState, Caller};
@@ -42,13 +42,7 @@ pub async fn ledger(
         }
         prev = e.hash;
     }
-    let next = (data.len() == limit)
-        .then(|| {
-            data.last()
-                .and_then(|v| v["seq"].as_u64())
-                .map(|s| s.to_string())
-        })
-        .flatten();
+    let next = next_cursor(&data, limit, |v| v["seq"].to_string());
     Ok(page(data, next))
 }
 
