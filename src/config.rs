@@ -62,9 +62,19 @@ store_url = ""          # "" = <data_dir>/videos; file://, memory://, s3:// (fea
 [webhooks]
 allow_private_targets = false
 allow_http = false
+# Delay before each automatic attempt (fractions allowed); its length is the attempt count.
 retry_schedule_s = [0, 5, 300, 1800, 7200, 18000, 36000, 36000]
 timeout_s = 15
+# An endpoint failing this long without a success is disabled (5 days).
 disable_after_s = 432000
+# Attempts in flight in all, and to one endpoint.
+concurrency_max = 64
+concurrency_per_endpoint = 4
+endpoints_per_tenant_max = 16
+# Finished deliveries kept per tenant (log and redelivery).
+deliveries_kept_per_tenant = 1000
+# Pending deliveries per endpoint before new ones fail at once as backlog_full.
+pending_per_endpoint_max = 100000
 
 [limits]
 body_bytes_max = 1048576
@@ -210,9 +220,14 @@ pub struct BatchesConfig {
 pub struct WebhooksConfig {
     pub allow_private_targets: bool,
     pub allow_http: bool,
-    pub retry_schedule_s: Vec<u64>,
-    pub timeout_s: u64,
-    pub disable_after_s: u64,
+    pub retry_schedule_s: Vec<f64>,
+    pub timeout_s: f64,
+    pub disable_after_s: f64,
+    pub concurrency_max: usize,
+    pub concurrency_per_endpoint: usize,
+    pub endpoints_per_tenant_max: usize,
+    pub deliveries_kept_per_tenant: usize,
+    pub pending_per_endpoint_max: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -374,8 +389,27 @@ impl Config {
         if self.batches.attempts_max == 0 || self.batches.attempts_max > 100 {
             return bad("batches.attempts_max must be within 1..=100".into());
         }
-        if self.webhooks.retry_schedule_s.is_empty() || self.webhooks.retry_schedule_s.len() > 100 {
+        let w = &self.webhooks;
+        if w.retry_schedule_s.is_empty() || w.retry_schedule_s.len() > 100 {
             return bad("webhooks.retry_schedule_s must have 1..=100 entries".into());
+        }
+        let seconds = |v: f64| v.is_finite() && (0.0..=30.0 * 86_400.0).contains(&v);
+        if !w.retry_schedule_s.iter().all(|&s| seconds(s)) {
+            return bad("webhooks.retry_schedule_s: each delay within 0..=2592000 s".into());
+        }
+        if !seconds(w.timeout_s) || w.timeout_s < 0.1 || !seconds(w.disable_after_s) {
+            return bad(
+                "webhooks: timeout_s within 0.1..=2592000, disable_after_s within 0..=2592000"
+                    .into(),
+            );
+        }
+        if w.concurrency_max == 0
+            || w.concurrency_per_endpoint == 0
+            || w.endpoints_per_tenant_max == 0
+            || w.deliveries_kept_per_tenant == 0
+            || w.pending_per_endpoint_max == 0
+        {
+            return bad("webhooks: concurrency and size limits must be at least 1".into());
         }
         url::Url::parse(&self.public_url)
             .map_err(|e| ConfigError::Invalid(format!("public_url: {e}")))?;
@@ -483,7 +517,7 @@ mod tests {
         assert_eq!(c.plans["enterprise"].burst, 2000);
         assert_eq!(
             c.webhooks.retry_schedule_s,
-            vec![0, 5, 300, 1800, 7200, 18000, 36000, 36000]
+            vec![0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
         );
     }
 

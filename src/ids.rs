@@ -114,6 +114,23 @@ prefixed_id!(
     VideoId,
     "vid_"
 );
+prefixed_id!(
+    /// A webhook endpoint (a tenant's URL that receives signed events).
+    EndpointId,
+    "ep_"
+);
+prefixed_id!(
+    /// A webhook event: the LSN of the record that caused it (high bits) and its number
+    /// within that record (low 8 bits), so it is the same live and after a replay.
+    EventId,
+    "evt_"
+);
+prefixed_id!(
+    /// One event's delivery to one endpoint: the event id (high bits) and the endpoint's
+    /// number (low 32 bits); its attempts share the event's `webhook-id`.
+    DeliveryId,
+    "whd_"
+);
 
 /// An item's id: `itm_` + its batch's 26 characters + the 0-based index in 7 characters,
 /// so item ids sort by batch, then index, and need no table to resolve.

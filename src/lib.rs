@@ -13,6 +13,8 @@
 //!   - `engine/events.rs`, `journal.rs`, `snapshot.rs`: records, their encoding, images
 //! - `providers/`      the provider trait; simulated (default), Replicate, fal; GIF media
 //! - `delivery/`       the video store (`object_store`)
+//! - `webhooks/`       endpoints, the outbox derived from the log, signing, SSRF guard,
+//!   the delivery loop
 //! - `ids.rs`          prefixed sortable ids (`ten_…`, `bat_…`, `vid_…`, `itm_…`)
 //! - `money.rs`        checked credit arithmetic
 //! - `wal` (crate)     the write-ahead log every acknowledged write goes through
@@ -28,6 +30,7 @@ pub mod engine;
 pub mod ids;
 pub mod money;
 pub mod providers;
+pub mod webhooks;
 
 use std::path::{Path, PathBuf};
 

@@ -207,6 +207,12 @@ impl Metrics {
             e.wallet_ops_in_flight() as f64,
         );
         gauge(
+            "reelbatch_webhook_deliveries_pending",
+            "gauge",
+            "Webhook deliveries waiting for a (next) attempt.",
+            e.webhooks().pending() as f64,
+        );
+        gauge(
             "reelbatch_batch_anomalies_total",
             "counter",
             "Impossible wallet refusals seen by batches.",

@@ -23,6 +23,7 @@ fn problem_codes() -> Value {
         "request_in_progress",
         "payload_too_large",
         "method_not_allowed",
+        "delivery_pending",
         "unavailable"
     ])
 }
@@ -203,6 +204,76 @@ pub fn schemas() -> Map<String, Value> {
         "TopUsage",
         json!({"type": "object", "properties": {"tenants": {"type": "array"}, "routes": {"type": "array"}}}),
     );
+    let event_types = json!({"type": "array", "items": {"type": "string",
+        "enum": crate::webhooks::EVENT_TYPES.iter().chain(["*"].iter()).collect::<Vec<_>>()}});
+    put(
+        "WebhookEndpointRequest",
+        json!({
+            "type": "object", "additionalProperties": false, "required": ["url"],
+            "properties": {"url": {"type": "string", "format": "uri", "maxLength": 2048},
+                "events": event_types, "description": string()}
+        }),
+    );
+    put(
+        "WalletPatch",
+        json!({
+            "type": "object", "additionalProperties": false,
+            "properties": {"low_balance_threshold": {"type": ["integer", "null"], "minimum": 0}}
+        }),
+    );
+    put(
+        "WebhookEndpointPatch",
+        json!({
+            "type": "object", "additionalProperties": false,
+            "properties": {"url": {"type": "string", "format": "uri"}, "events": event_types,
+                "description": string(), "enabled": {"type": "boolean"}}
+        }),
+    );
+    put(
+        "RotateSecretRequest",
+        json!({
+            "type": "object", "additionalProperties": false,
+            "properties": {"overlap_s": {"type": "integer", "minimum": 0, "maximum": 604800}}
+        }),
+    );
+    let endpoint_props = json!({
+        "id": {"type": "string", "pattern": "^ep_"}, "object": string(), "url": string(),
+        "events": {"type": "array", "items": string()}, "description": string(),
+        "status": {"type": "string", "enum": ["enabled", "disabled"]}, "enabled": {"type": "boolean"},
+        "disabled_reason": nullable_string(), "disabled_at": nullable_string(),
+        "failing_since": nullable_string(), "previous_secret_expires_at": nullable_string(),
+        "created_at": time()
+    });
+    put(
+        "WebhookEndpoint",
+        json!({"type": "object", "required": ["id", "url", "events", "status"], "properties": endpoint_props}),
+    );
+    let mut with_secret = endpoint_props.clone();
+    with_secret["secret"] = json!({"type": "string", "pattern": "^whsec_"});
+    put(
+        "WebhookEndpointWithSecret",
+        json!({"type": "object", "required": ["id", "url", "events", "status", "secret"], "properties": with_secret}),
+    );
+    put("WebhookEndpointList", list_of("WebhookEndpoint"));
+    put(
+        "WebhookDelivery",
+        json!({
+            "type": "object", "required": ["id", "endpoint_id", "event_id", "event_type", "status", "attempts"],
+            "properties": {
+                "id": {"type": "string", "pattern": "^whd_"}, "object": string(),
+                "endpoint_id": string(), "event_id": {"type": "string", "pattern": "^evt_"},
+                "event_type": string(),
+                "status": {"type": "string", "enum": ["pending", "succeeded", "failed"]},
+                "attempts_total": int(), "next_attempt_at": nullable_string(), "note": nullable_string(),
+                "created_at": time(),
+                "attempts": {"type": "array", "items": {"type": "object", "properties": {
+                    "at": time(), "status": int(), "latency_ms": int(), "error": nullable_string(),
+                    "next_attempt_at": nullable_string(), "manual": {"type": "boolean"}}}},
+                "event": {"type": "object", "description": "The payload as sent"}
+            }
+        }),
+    );
+    put("WebhookDeliveryList", list_of("WebhookDelivery"));
     put(
         "TenantRequest",
         json!({

@@ -20,6 +20,7 @@ use crate::engine::{Engine, EngineConfig};
 use crate::providers::http::HttpConfig;
 use crate::providers::simulated::SimConfig;
 use crate::providers::{Provider, ProviderError, Registry};
+use crate::webhooks::WebhookConfig;
 
 /// Longest wait for in-flight requests at shutdown.
 pub const DRAIN_MAX: Duration = Duration::from_secs(30);
@@ -79,6 +80,21 @@ pub fn engine_config(cfg: &Config, data_dir: PathBuf) -> Result<EngineConfig, Se
         let provider = make(http).map_err(|e| err(e.message))?;
         providers.insert(name, provider, p.concurrency_max);
     }
+    let w = &cfg.webhooks;
+    let ms = |s: f64| (s * 1000.0).round() as u64;
+    e.webhooks = WebhookConfig {
+        allow_private_targets: w.allow_private_targets,
+        allow_http: w.allow_http,
+        retry_schedule_ms: w.retry_schedule_s.iter().map(|&s| ms(s)).collect(),
+        timeout_ms: ms(w.timeout_s),
+        disable_after_ms: ms(w.disable_after_s),
+        concurrency_max: w.concurrency_max,
+        concurrency_per_endpoint: w.concurrency_per_endpoint,
+        endpoints_per_tenant_max: w.endpoints_per_tenant_max,
+        finished_per_tenant_max: w.deliveries_kept_per_tenant,
+        pending_per_endpoint_max: w.pending_per_endpoint_max,
+        ..WebhookConfig::default()
+    };
     e.batch = BatchConfig {
         exec: ExecConfig {
             attempts_max: cfg.batches.attempts_max,

@@ -5,6 +5,7 @@ use crate::engine::batch::state::BatchEvent;
 use crate::engine::idempotency::StoredResponse;
 use crate::engine::wallet::state::WalletEvent;
 use crate::ids::{BatchId, TenantId};
+use crate::webhooks::state::WebhookRecord;
 
 /// A WAL record. New variants are added at the end; changing an existing variant's shape
 /// needs a new `RECORD_VERSION` and a reader for the old one.
@@ -21,4 +22,6 @@ pub enum Record {
     Account(AccountEvent),
     /// A response stored for an `Idempotency-Key`.
     Response(StoredResponse),
+    /// A fact about webhook endpoints or deliveries.
+    Webhook(WebhookRecord),
 }

@@ -39,6 +39,9 @@ use crate::engine::wallet::state::{
     Balances, Statement, WalletCommand, WalletError, WalletEvent, WalletState,
 };
 use crate::ids::TenantId;
+use crate::webhooks::payload;
+use crate::webhooks::state::OutboxState;
+use crate::webhooks::Outbox;
 
 /// Source of time for decisions (expiry, ledger timestamps). Tests use `ManualClock`.
 pub trait Clock: Send + Sync + 'static {
@@ -98,6 +101,8 @@ pub struct EngineConfig {
     pub idempotency_retention_ms: u64,
     /// Idempotency keys remembered at once (beyond: refused as unavailable).
     pub idempotency_keys_max: usize,
+    /// Webhook delivery: schedule, timeouts, bounds, SSRF policy.
+    pub webhooks: crate::webhooks::WebhookConfig,
 }
 
 impl EngineConfig {
@@ -118,6 +123,7 @@ impl EngineConfig {
             batch: BatchConfig::default(),
             idempotency_retention_ms: 24 * 3600 * 1000,
             idempotency_keys_max: 1_000_000,
+            webhooks: crate::webhooks::WebhookConfig::default(),
         }
     }
 }
@@ -223,6 +229,8 @@ struct Inner {
     responses: Mutex<ResponseStore>,
     /// Wallet commands sent and not yet answered (the wallet mailboxes' depth, summed).
     wallet_ops_in_flight: AtomicU64,
+    /// Webhook endpoints and deliveries; actors emit into it.
+    outbox: Arc<Outbox>,
 }
 
 /// The engine handle; clones share it.
@@ -257,6 +265,8 @@ impl Engine {
         let mut responses =
             ResponseStore::new(cfg.idempotency_retention_ms, cfg.idempotency_keys_max);
         let boot_ms = cfg.clock.now_ms();
+        let hook_limits = crate::webhooks::outbox::limits(&cfg.webhooks);
+        let mut hooks = OutboxState::new(hook_limits);
         let mut snapshot_lsn = None;
         let mut from = 1;
         if let Some(snap) = &lookup.snapshot {
@@ -281,6 +291,7 @@ impl Engine {
             for r in image.responses {
                 responses.insert(r, boot_ms);
             }
+            hooks = OutboxState::from_image(image.webhooks, hook_limits);
             snapshot_lsn = Some(snap.lsn);
             from = snap.lsn + 1;
         }
@@ -304,7 +315,20 @@ impl Engine {
                         .entry(tenant)
                         .or_insert_with(|| WalletState::new(tenant));
                     if lsn > state.last_lsn {
+                        let before = state.available;
                         state.apply(&event, lsn);
+                        // The same events the live actor emitted (see `webhooks`).
+                        if hooks.listens(tenant) {
+                            for e in payload::wallet_events(state, before, &event, lsn) {
+                                hooks.emit(e);
+                            }
+                        }
+                        replayed += 1;
+                    }
+                }
+                Record::Webhook(r) => {
+                    if lsn > hooks.last_lsn {
+                        hooks.apply(&r, lsn);
                         replayed += 1;
                     }
                 }
@@ -344,6 +368,11 @@ impl Engine {
                         })?;
                         if lsn > state.last_lsn {
                             state.apply(&event, lsn);
+                            if hooks.listens(state.tenant) {
+                                for e in payload::batch_events(state, &event, lsn) {
+                                    hooks.emit(e);
+                                }
+                            }
                             replayed += 1;
                         }
                     }
@@ -373,6 +402,16 @@ impl Engine {
             .map_err(|e| EngineError::System(e.to_string()))?;
         let (system, arbiters, system_thread) = start_system(cfg.arbiters.max(1))?;
         let events_appended = Arc::new(AtomicU64::new(0));
+        hooks
+            .check_invariants()
+            .map_err(|reason| EngineError::Record { lsn: 0, reason })?;
+        let outbox = Outbox::new(
+            hooks,
+            wal.clone(),
+            Arc::clone(&cfg.clock),
+            cfg.webhooks.clone(),
+            Arc::clone(&events_appended),
+        );
         let wallets_n = states.len();
         let inner = Arc::new(Inner {
             wal,
@@ -392,6 +431,7 @@ impl Engine {
             accounts: RwLock::new(accounts),
             responses: Mutex::new(responses),
             wallet_ops_in_flight: AtomicU64::new(0),
+            outbox,
             cfg,
         });
         let engine = Engine { inner };
@@ -427,6 +467,9 @@ impl Engine {
                 .map(|(n, r)| (n.clone(), r.concurrency_max)),
         );
         workers.spawn(Arc::clone(&scheduler).run());
+        workers.spawn(crate::webhooks::dispatcher::run(Arc::clone(
+            &engine.inner.outbox,
+        )));
         let ctx = Arc::new(BatchCtx {
             wal: engine.inner.wal.clone(),
             events_appended: Arc::clone(&engine.inner.events_appended),
@@ -439,6 +482,7 @@ impl Engine {
             dir: Arc::new(batch::Directory::default()),
             anomalies: AtomicU64::new(0),
             provider_stats: Arc::default(),
+            outbox: Arc::clone(&engine.inner.outbox),
         });
         let _ = engine.inner.batches.set(ctx);
         *engine.inner.workers.lock().expect("not poisoned") = Some(workers);
@@ -464,6 +508,7 @@ impl Engine {
             wal: inner.wal.clone(),
             events_appended: Arc::clone(&inner.events_appended),
             clock: Arc::clone(&inner.cfg.clock),
+            outbox: Arc::clone(&inner.outbox),
         };
         let capacity = inner.cfg.mailbox_capacity;
         WalletActor::start_in_arbiter(&inner.arbiters[idx], move |ctx| {
@@ -704,6 +749,11 @@ impl Engine {
         Ok(())
     }
 
+    /// Webhook endpoints and deliveries.
+    pub fn webhooks(&self) -> &Arc<Outbox> {
+        &self.inner.outbox
+    }
+
     /// Takes a snapshot now; returns the LSN it covers. Older segments and snapshots
     /// are then deleted.
     pub async fn snapshot_now(&self) -> Result<u64, EngineError> {
@@ -720,6 +770,8 @@ impl Engine {
             r.expire(self.now_ms());
             r.records()
         };
+        // Last: every event of a record some captured state holds was emitted already.
+        let webhooks = i.outbox.image(covered_lsn);
         // Everything captured was appended before this point: once it is acknowledged,
         // the image holds nothing the log could still lose.
         let newest = i.wal.next_lsn() - 1;
@@ -730,6 +782,7 @@ impl Engine {
             batches,
             accounts,
             responses,
+            webhooks,
         });
         let snap_dir = crate::snapshot_dir(&i.cfg.data_dir);
         wal::write_snapshot(&snap_dir, covered_lsn, &bytes)?;
@@ -748,6 +801,7 @@ impl Engine {
             return Ok(());
         }
         i.stop_ticker.store(true, Ordering::Release);
+        i.outbox.stop();
         let ticker = i.ticker.lock().expect("not poisoned").take();
         if let Some(t) = ticker {
             let _ = t.join();

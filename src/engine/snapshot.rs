@@ -13,6 +13,7 @@ use crate::engine::batch::state::BatchState;
 use crate::engine::idempotency::StoredResponse;
 use crate::engine::journal::{archive_of, with_header, JournalError};
 use crate::engine::wallet::state::WalletState;
+use crate::webhooks::state::OutboxImage;
 
 /// The engine's state at a point in the log.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -27,6 +28,8 @@ pub struct EngineImage {
     pub accounts: AccountsState,
     /// Stored idempotent responses still within retention.
     pub responses: Vec<StoredResponse>,
+    /// Webhook endpoints and deliveries (captured after every wallet and batch).
+    pub webhooks: OutboxImage,
 }
 
 /// Encodes an image.

@@ -5,6 +5,7 @@ pub mod batches;
 pub mod system;
 pub mod views;
 pub mod wallet;
+pub mod webhooks;
 
 use axum::http::Method;
 use axum::routing::{on, MethodFilter, MethodRouter};
@@ -15,6 +16,7 @@ use crate::api::AppState;
 pub const BATCHES_WRITE: u8 = 1;
 pub const BATCHES_READ: u8 = 2;
 pub const WALLET_READ: u8 = 4;
+pub const WEBHOOKS_WRITE: u8 = 16;
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +114,10 @@ pub static ROUTES: &[Route] = &[
     // Customer: wallet and usage.
     route!(GET "/v1/wallet", "getWallet", "Balances", Auth::Key(Some(WALLET_READ)),
         mutating: false, request: None, ok: (200, "Wallet"), query: NONE, wallet::get),
+    route!(PATCH "/v1/wallet", "updateWallet",
+        "Set the low-balance threshold of the wallet.low_balance webhook",
+        Auth::Key(Some(WEBHOOKS_WRITE)), mutating: true, request: Some("WalletPatch"),
+        ok: (200, "Wallet"), query: NONE, wallet::update),
     route!(GET "/v1/wallet/ledger", "listLedger", "Ledger entries with their hash chain",
         Auth::Key(Some(WALLET_READ)), mutating: false, request: None,
         ok: (200, "LedgerList"), query: LIST, wallet::ledger),
@@ -122,6 +128,41 @@ pub static ROUTES: &[Route] = &[
     route!(GET "/v1/usage", "getUsage", "This tenant's usage per key by hour or day",
         Auth::Key(None), mutating: false, request: None, ok: (200, "Usage"),
         query: &["granularity", "from", "to", "key_id"], system::usage),
+    // Customer: webhooks.
+    route!(POST "/v1/webhook-endpoints", "createWebhookEndpoint",
+        "Register an endpoint (the signing secret is returned here and on rotation only)",
+        Auth::Key(Some(WEBHOOKS_WRITE)), mutating: true, request: Some("WebhookEndpointRequest"),
+        ok: (201, "WebhookEndpointWithSecret"), query: NONE, webhooks::create_endpoint),
+    route!(GET "/v1/webhook-endpoints", "listWebhookEndpoints", "The tenant's endpoints",
+        Auth::Key(Some(WEBHOOKS_WRITE)), mutating: false, request: None,
+        ok: (200, "WebhookEndpointList"), query: NONE, webhooks::list_endpoints),
+    route!(GET "/v1/webhook-endpoints/{id}", "getWebhookEndpoint", "One endpoint",
+        Auth::Key(Some(WEBHOOKS_WRITE)), mutating: false, request: None,
+        ok: (200, "WebhookEndpoint"), query: NONE, webhooks::get_endpoint),
+    route!(PATCH "/v1/webhook-endpoints/{id}", "updateWebhookEndpoint",
+        "Change url, events or description; enable or disable",
+        Auth::Key(Some(WEBHOOKS_WRITE)), mutating: true, request: Some("WebhookEndpointPatch"),
+        ok: (200, "WebhookEndpoint"), query: NONE, webhooks::update_endpoint),
+    route!(DELETE "/v1/webhook-endpoints/{id}", "deleteWebhookEndpoint",
+        "Delete an endpoint and its deliveries", Auth::Key(Some(WEBHOOKS_WRITE)),
+        mutating: true, request: None, ok: (200, "WebhookEndpoint"), query: NONE,
+        webhooks::delete_endpoint),
+    route!(POST "/v1/webhook-endpoints/{id}/rotate-secret", "rotateWebhookSecret",
+        "New signing secret; the old one keeps signing during the overlap",
+        Auth::Key(Some(WEBHOOKS_WRITE)), mutating: true, request: Some("RotateSecretRequest"),
+        ok: (200, "WebhookEndpointWithSecret"), query: NONE, webhooks::rotate_secret),
+    route!(GET "/v1/webhook-deliveries", "listWebhookDeliveries",
+        "Deliveries with every attempt, newest first", Auth::Key(Some(WEBHOOKS_WRITE)),
+        mutating: false, request: None, ok: (200, "WebhookDeliveryList"),
+        query: &["endpoint_id", "status", "event_type", "limit", "cursor"],
+        webhooks::list_deliveries),
+    route!(GET "/v1/webhook-deliveries/{id}", "getWebhookDelivery", "One delivery",
+        Auth::Key(Some(WEBHOOKS_WRITE)), mutating: false, request: None,
+        ok: (200, "WebhookDelivery"), query: NONE, webhooks::get_delivery),
+    route!(POST "/v1/webhook-deliveries/{id}/redeliver", "redeliverWebhook",
+        "Attempt a finished delivery once more, now", Auth::Key(Some(WEBHOOKS_WRITE)),
+        mutating: true, request: None, ok: (202, "WebhookDelivery"), query: NONE,
+        webhooks::redeliver),
     // Admin.
     route!(POST "/admin/v1/tenants", "createTenant", "Create a tenant on a plan", Auth::Admin,
         mutating: true, request: Some("TenantRequest"), ok: (201, "Tenant"), query: NONE,

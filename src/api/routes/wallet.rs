@@ -7,11 +7,42 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 
-use crate::api::json::{json, next_cursor, page, rfc3339, QueryMap};
+use crate::api::json::{json, next_cursor, page, rfc3339, JsonBody, QueryMap};
 use crate::api::problem::Problem;
 use crate::api::routes::views;
 use crate::api::{AppState, Caller};
 use crate::engine::wallet::ledger::GENESIS_HASH;
+use crate::engine::wallet::state::WalletCommand;
+
+/// `PATCH /v1/wallet`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WalletPatch {
+    /// `wallet.low_balance` fires when `available` drops below it; `null` clears it.
+    low_balance_threshold: Option<u64>,
+}
+
+/// Sets the low-balance threshold (the wallet's one setting; scope `webhooks:write`,
+/// since its only effect is the `wallet.low_balance` event).
+pub async fn update(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Arc<Caller>>,
+    JsonBody(b): JsonBody<WalletPatch>,
+) -> Result<Response, Problem> {
+    let out = st
+        .engine
+        .execute(
+            caller.tenant.id,
+            WalletCommand::SetLowBalanceThreshold {
+                threshold: b.low_balance_threshold,
+            },
+        )
+        .await?;
+    Ok(json(
+        StatusCode::OK,
+        &views::wallet(caller.tenant.id, &out.balances),
+    ))
+}
 
 pub async fn get(
     State(st): State<AppState>,

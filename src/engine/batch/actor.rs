@@ -144,7 +144,14 @@ impl BatchActor {
         let Record::Batch { event, .. } = record else {
             unreachable!("built above")
         };
-        self.state.apply(&event, durable.lsn());
+        let lsn = durable.lsn();
+        self.state.apply(&event, lsn);
+        if crate::webhooks::payload::batch_may_emit(&event) {
+            let state = &self.state;
+            self.ctx.outbox.emit(state.tenant, || {
+                crate::webhooks::payload::batch_events(state, &event, lsn)
+            });
+        }
         self.ctx.events_appended.fetch_add(1, Ordering::Relaxed);
         Ok(durable)
     }

@@ -353,6 +353,8 @@ pub(crate) struct BatchCtx {
     pub anomalies: AtomicU64,
     /// Attempt outcomes per provider (metrics).
     pub provider_stats: Arc<attempt::ProviderStats>,
+    /// Where batch events go as webhooks.
+    pub outbox: Arc<crate::webhooks::Outbox>,
 }
 
 #[derive(Default)]

@@ -38,6 +38,8 @@ pub struct WalletActor {
     /// Time source, read when a command is handled (not when it was sent), so the
     /// ledger's times follow its order.
     pub(crate) clock: Arc<dyn crate::engine::Clock>,
+    /// Where wallet events go as webhooks (top-ups, low balance).
+    pub(crate) outbox: Arc<crate::webhooks::Outbox>,
 }
 
 impl Actor for WalletActor {
@@ -57,7 +59,16 @@ impl WalletActor {
         let Record::Wallet { event, .. } = record else {
             unreachable!("built above")
         };
-        self.state.apply(&event, durable.lsn());
+        let lsn = durable.lsn();
+        let before = self.state.available;
+        self.state.apply(&event, lsn);
+        let state = &self.state;
+        // Most wallet events (holds, settlements) are no webhook: skip the outbox's lock.
+        if crate::webhooks::payload::wallet_may_emit(state, &event) {
+            self.outbox.emit(state.tenant, || {
+                crate::webhooks::payload::wallet_events(state, before, &event, lsn)
+            });
+        }
         self.events_appended.fetch_add(1, Ordering::Relaxed);
         Ok(durable)
     }
