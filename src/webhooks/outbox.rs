@@ -7,7 +7,7 @@
 //! record is appended and applied under the lock, so apply order is LSN order, as in
 //! replay. The lock is never held across an await.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::engine::events::Record;
@@ -72,6 +72,9 @@ pub struct Outbox {
     events_appended: Arc<AtomicU64>,
     /// Set at shutdown: the dispatcher stops taking work.
     pub(crate) stopped: AtomicBool,
+    /// Endpoints in all, raised before a creation is appended: an actor that finds it 0
+    /// skips the lock, and no event logged after a creation can miss it.
+    endpoints_total: AtomicUsize,
 }
 
 /// State bounds from the config.
@@ -92,6 +95,7 @@ impl Outbox {
         events_appended: Arc<AtomicU64>,
     ) -> Arc<Outbox> {
         Arc::new(Outbox {
+            endpoints_total: AtomicUsize::new(state.endpoints_total()),
             state: Mutex::new(state),
             wal,
             clock,
@@ -109,6 +113,9 @@ impl Outbox {
     /// Events of a record just applied by an actor. `make` runs only when the tenant has
     /// an endpoint (most don't: no JSON is built for them).
     pub fn emit(&self, tenant: TenantId, make: impl FnOnce() -> Vec<OutEvent>) {
+        if self.endpoints_total.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         let mut st = self.lock();
         if !st.listens(tenant) {
             return;
@@ -196,7 +203,12 @@ impl Outbox {
                     request_id: new.request_id,
                 };
                 let id = endpoint.id;
-                let d = self.append(&mut st, WebhookRecord::EndpointCreated(Box::new(endpoint)))?;
+                self.endpoints_total.fetch_add(1, Ordering::SeqCst);
+                let appended =
+                    self.append(&mut st, WebhookRecord::EndpointCreated(Box::new(endpoint)));
+                self.endpoints_total
+                    .store(st.endpoints_total(), Ordering::SeqCst);
+                let d = appended?;
                 (
                     st.endpoint(tenant, id).expect("just created").clone(),
                     Some(d),
@@ -295,6 +307,8 @@ impl Outbox {
                     at_ms: self.clock.now_ms(),
                 },
             )?;
+            self.endpoints_total
+                .store(st.endpoints_total(), Ordering::SeqCst);
             (e, d)
         };
         Self::durable(d).await?;

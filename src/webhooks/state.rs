@@ -396,6 +396,11 @@ impl OutboxState {
         self.by_tenant.contains_key(&tenant)
     }
 
+    /// Endpoints of all tenants.
+    pub fn endpoints_total(&self) -> usize {
+        self.endpoints.len()
+    }
+
     /// Deliveries for an event (its cause's record was just applied).
     pub fn emit(&mut self, ev: OutEvent) {
         let lsn = ev.lsn();
