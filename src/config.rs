@@ -84,6 +84,8 @@ idempotency_retention_s = 86400
 idempotency_keys_max = 1000000
 rate_limiter_keys_max = 100000
 mailbox_capacity = 1024
+# Access-log entries kept in memory and snapshots (the oldest beyond are dropped).
+access_log_max = 200000
 
 [log]
 format = "text"        # text | json
@@ -242,6 +244,7 @@ pub struct LimitsConfig {
     /// Keys tracked by the rate limiter before stale ones are evicted.
     pub rate_limiter_keys_max: usize,
     pub mailbox_capacity: usize,
+    pub access_log_max: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -115,6 +115,11 @@ prefixed_id!(
     "vid_"
 );
 prefixed_id!(
+    /// One access-log entry (a download, link use or embed, allowed or denied).
+    AccessId,
+    "acc_"
+);
+prefixed_id!(
     /// A webhook endpoint (a tenant's URL that receives signed events).
     EndpointId,
     "ep_"

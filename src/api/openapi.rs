@@ -24,6 +24,11 @@ fn problem_codes() -> Value {
         "payload_too_large",
         "method_not_allowed",
         "delivery_pending",
+        "invalid_signature",
+        "link_expired",
+        "domain_not_allowed",
+        "watermark_unavailable",
+        "range_not_satisfiable",
         "unavailable"
     ])
 }
@@ -214,6 +219,53 @@ pub fn schemas() -> Map<String, Value> {
                 "events": event_types, "description": string()}
         }),
     );
+    put("Binary", json!({"type": "string", "format": "binary"}));
+    put(
+        "Video",
+        json!({
+            "type": "object", "required": ["id", "batch_id", "item_id", "content_type"],
+            "properties": {"id": {"type": "string", "pattern": "^vid_"}, "object": string(),
+                "batch_id": string(), "item_id": string(), "index": int(), "prompt": string(),
+                "content_type": string(), "bytes": int(), "watermarked": {"type": "boolean"},
+                "created_at": time()}
+        }),
+    );
+    put(
+        "LinkRequest",
+        json!({
+            "type": "object", "additionalProperties": false, "required": ["expires_in"],
+            "properties": {"expires_in": {"type": "integer", "minimum": 1, "maximum": 2592000},
+                "embed": {"type": "boolean"}}
+        }),
+    );
+    put(
+        "Link",
+        json!({
+            "type": "object", "required": ["url", "expires_at"],
+            "properties": {"url": string(), "expires_at": time(), "kind": string(), "video_id": string()}
+        }),
+    );
+    put(
+        "EmbedDomain",
+        json!({
+            "type": "object", "additionalProperties": false, "required": ["domain"],
+            "properties": {"domain": string()}
+        }),
+    );
+    put("EmbedDomainList", list_of("EmbedDomain"));
+    put(
+        "AccessEntry",
+        json!({
+            "type": "object",
+            "required": ["id", "video_id", "kind", "allowed", "domain", "ip", "user_agent", "key_id", "at"],
+            "properties": {"id": {"type": "string", "pattern": "^acc_"}, "tenant_id": string(),
+                "video_id": string(), "kind": {"type": "string", "enum": ["download", "link", "embed"]},
+                "allowed": {"type": "boolean"}, "detail": string(), "domain": nullable_string(),
+                "ip": nullable_string(), "user_agent": nullable_string(), "key_id": nullable_string(),
+                "at": time()}
+        }),
+    );
+    put("AccessLogList", list_of("AccessEntry"));
     put(
         "WalletPatch",
         json!({

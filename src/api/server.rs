@@ -49,6 +49,7 @@ pub fn engine_config(cfg: &Config, data_dir: PathBuf) -> Result<EngineConfig, Se
     e.snapshot_every_ms = cfg.snapshots.every_s.saturating_mul(1000).max(1000);
     e.snapshots_kept = cfg.snapshots.kept.max(1);
     e.mailbox_capacity = cfg.limits.mailbox_capacity;
+    e.access_log_max = cfg.limits.access_log_max.max(1);
     e.idempotency_retention_ms = cfg.limits.idempotency_retention_s.saturating_mul(1000);
     e.idempotency_keys_max = cfg.limits.idempotency_keys_max;
     let s = &cfg.provider.simulated;

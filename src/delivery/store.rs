@@ -249,6 +249,28 @@ impl VideoStore {
         Ok(())
     }
 
+    /// Streams a rendition, or the bytes `range` of it.
+    pub async fn stream(
+        &self,
+        video: VideoId,
+        rendition: Rendition,
+        content_type: &str,
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<futures_util::stream::BoxStream<'static, object_store::Result<Bytes>>, StoreError>
+    {
+        let key = Self::key(video, rendition, content_type);
+        let path = ObjectPath::from(key.as_str());
+        let opts = object_store::GetOptions {
+            range: range.map(object_store::GetRange::Bounded),
+            ..Default::default()
+        };
+        match self.store.get_opts(&path, opts).await {
+            Ok(r) => Ok(r.into_stream()),
+            Err(object_store::Error::NotFound { .. }) => Err(StoreError::NotFound(key)),
+            Err(e) => Err(StoreError::Io(e.to_string())),
+        }
+    }
+
     /// Reads a whole rendition.
     pub async fn get(
         &self,

@@ -58,6 +58,8 @@ pub enum AccountEvent {
         plan: String,
         /// The admin's `Idempotency-Key`: a repeat after a crash finds this tenant.
         request_id: Option<String>,
+        /// Key of its signed links and embeds (random; rotated to revoke them all).
+        link_secret: [u8; 32],
         at_ms: u64,
     },
     /// A key exists; only its secret's hash is kept.
@@ -74,6 +76,24 @@ pub enum AccountEvent {
     },
     /// A key stops working.
     KeyRevoked { key: KeyId, at_ms: u64 },
+    /// A new link secret: every link and embed URL signed before stops working.
+    LinkSecretRotated {
+        tenant: TenantId,
+        link_secret: [u8; 32],
+        at_ms: u64,
+    },
+    /// A domain (`example.com` or `*.example.com`) may embed the tenant's videos.
+    EmbedDomainAdded {
+        tenant: TenantId,
+        domain: String,
+        at_ms: u64,
+    },
+    /// A domain may no longer embed them.
+    EmbedDomainRemoved {
+        tenant: TenantId,
+        domain: String,
+        at_ms: u64,
+    },
 }
 
 /// A tenant.
@@ -87,6 +107,10 @@ pub struct Tenant {
     /// The admin request that created it (repeat detection).
     pub request_id: Option<String>,
     pub created_at_ms: u64,
+    /// HMAC key of its signed links and embeds (never shown; rotation revokes them).
+    pub link_secret: [u8; 32],
+    /// Hosts whose pages may embed its videos (sorted, bounded).
+    pub embed_domains: Vec<String>,
 }
 
 /// An API key.
@@ -155,6 +179,7 @@ impl AccountsState {
                 name,
                 plan,
                 request_id,
+                link_secret,
                 at_ms,
             } => {
                 let prev = self.tenants.insert(
@@ -165,6 +190,8 @@ impl AccountsState {
                         plan: plan.clone(),
                         request_id: request_id.clone(),
                         created_at_ms: *at_ms,
+                        link_secret: *link_secret,
+                        embed_domains: Vec::new(),
                     },
                 );
                 assert!(prev.is_none(), "a tenant is created once");
@@ -203,6 +230,24 @@ impl AccountsState {
                 if k.revoked_at_ms.is_none() {
                     k.revoked_at_ms = Some(*at_ms);
                 }
+            }
+            AccountEvent::LinkSecretRotated {
+                tenant,
+                link_secret,
+                ..
+            } => {
+                let t = self.tenants.get_mut(tenant).expect("tenants exist");
+                t.link_secret = *link_secret;
+            }
+            AccountEvent::EmbedDomainAdded { tenant, domain, .. } => {
+                let t = self.tenants.get_mut(tenant).expect("tenants exist");
+                if let Err(i) = t.embed_domains.binary_search(domain) {
+                    t.embed_domains.insert(i, domain.clone());
+                }
+            }
+            AccountEvent::EmbedDomainRemoved { tenant, domain, .. } => {
+                let t = self.tenants.get_mut(tenant).expect("tenants exist");
+                t.embed_domains.retain(|d| d != domain);
             }
         }
         self.last_lsn = lsn;
@@ -281,6 +326,55 @@ fn check_request_id(r: &Option<String>) -> Result<(), AccountError> {
     }
 }
 
+/// Embed domains one tenant may list.
+pub const EMBED_DOMAINS_MAX: usize = 100;
+
+fn random_secret() -> Result<[u8; 32], AccountError> {
+    let mut s = [0u8; 32];
+    getrandom::fill(&mut s).map_err(|e| AccountError::Unavailable(e.to_string()))?;
+    Ok(s)
+}
+
+/// A whitelist entry: a lowercase host name (`example.com`) or a wildcard over its
+/// subdomains (`*.example.com`); no scheme, port, path or IP address.
+pub fn check_embed_domain(raw: &str) -> Result<String, AccountError> {
+    let d = raw.trim().to_ascii_lowercase();
+    let host = d.strip_prefix("*.").unwrap_or(&d);
+    let bad = || {
+        AccountError::Invalid(format!(
+            "domain {raw:?} must be a host name like example.com or *.example.com"
+        ))
+    };
+    if host.len() > 253 || !host.contains('.') || host.parse::<std::net::IpAddr>().is_ok() {
+        return Err(bad());
+    }
+    for label in host.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !ok {
+            return Err(bad());
+        }
+    }
+    Ok(d)
+}
+
+/// Whether a request's host (from `Origin` or `Referer`) is on a whitelist:
+/// `example.com` matches itself only, `*.example.com` matches any subdomain of it.
+pub fn embed_allowed(whitelist: &[String], host: &str) -> bool {
+    let host = host.to_ascii_lowercase();
+    whitelist.iter().any(|d| match d.strip_prefix("*.") {
+        Some(base) => host
+            .strip_suffix(base)
+            .is_some_and(|rest| rest.len() > 1 && rest.ends_with('.')),
+        None => host == *d,
+    })
+}
+
 /// A key to create.
 #[derive(Debug, Clone)]
 pub struct NewKey {
@@ -338,6 +432,7 @@ impl crate::engine::Engine {
                     name: name.to_owned(),
                     plan: plan.to_owned(),
                     request_id,
+                    link_secret: random_secret()?,
                     at_ms: now,
                 };
                 let durable = self.append_account(&mut acc, event)?;
@@ -464,6 +559,77 @@ impl crate::engine::Engine {
                 .map_err(|e| AccountError::Unavailable(e.to_string()))?;
         }
         Ok(k)
+    }
+
+    /// A new link secret for a tenant: every signed link and embed URL it issued stops
+    /// working.
+    pub async fn rotate_link_secret(&self, tenant: TenantId) -> Result<(), AccountError> {
+        let durable = {
+            let mut acc = self.inner.accounts.write().expect("not poisoned");
+            if !acc.tenants.contains_key(&tenant) {
+                return Err(AccountError::NotFound);
+            }
+            let event = AccountEvent::LinkSecretRotated {
+                tenant,
+                link_secret: random_secret()?,
+                at_ms: self.now_ms(),
+            };
+            self.append_account(&mut acc, event)?
+        };
+        durable
+            .await
+            .map_err(|e| AccountError::Unavailable(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Adds (`true`) or removes an embed domain; returns the tenant's list after.
+    pub async fn set_embed_domain(
+        &self,
+        tenant: TenantId,
+        domain: &str,
+        add: bool,
+    ) -> Result<Vec<String>, AccountError> {
+        let domain = check_embed_domain(domain)?;
+        let (list, durable) = {
+            let mut acc = self.inner.accounts.write().expect("not poisoned");
+            let t = acc.tenants.get(&tenant).ok_or(AccountError::NotFound)?;
+            let present = t.embed_domains.contains(&domain);
+            if present == add {
+                (t.embed_domains.clone(), None) // already so: nothing to record
+            } else {
+                if add && t.embed_domains.len() >= EMBED_DOMAINS_MAX {
+                    return Err(AccountError::Invalid(format!(
+                        "a tenant may list at most {EMBED_DOMAINS_MAX} embed domains"
+                    )));
+                }
+                if !add && !present {
+                    return Err(AccountError::NotFound);
+                }
+                let at_ms = self.now_ms();
+                let event = if add {
+                    AccountEvent::EmbedDomainAdded {
+                        tenant,
+                        domain,
+                        at_ms,
+                    }
+                } else {
+                    AccountEvent::EmbedDomainRemoved {
+                        tenant,
+                        domain,
+                        at_ms,
+                    }
+                };
+                let d = self.append_account(&mut acc, event)?;
+                (acc.tenants[&tenant].embed_domains.clone(), Some(d))
+            }
+        };
+        if let Some(d) = durable {
+            d.await
+                .map_err(|e| AccountError::Unavailable(e.to_string()))?;
+        } else if !add {
+            return Err(AccountError::NotFound);
+        }
+        Ok(list)
     }
 
     /// A key.

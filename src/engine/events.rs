@@ -1,5 +1,6 @@
 //! Every record the WAL holds: one enum, versioned by the journal header.
 
+use crate::delivery::access::AccessEntry;
 use crate::engine::accounts::AccountEvent;
 use crate::engine::batch::state::BatchEvent;
 use crate::engine::idempotency::StoredResponse;
@@ -24,4 +25,6 @@ pub enum Record {
     Response(StoredResponse),
     /// A fact about webhook endpoints or deliveries.
     Webhook(WebhookRecord),
+    /// A download, link use or embed, allowed or denied.
+    Access(AccessEntry),
 }

@@ -10,8 +10,9 @@
 use crate::engine::events::Record;
 
 /// Version of the record encoding. 2: accounts, stored responses, the batch's API key;
-/// 3: webhook records and the outbox in snapshots (versions 1–2 came from development
-/// builds only and are refused).
+/// 3: webhook records and the outbox in snapshots, tenants' link secrets and embed
+/// domains, the access log (versions 1–2 came from development builds only and are
+/// refused).
 pub const RECORD_VERSION: u8 = 3;
 /// Bytes before the archive.
 pub const RECORD_HEADER_BYTES: usize = 16;

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use actix::{Actor, Addr};
 
+use crate::delivery::access::{AccessEntry, AccessFilter, AccessLog};
 use crate::engine::accounts::AccountsState;
 use crate::engine::batch::state::{BatchEvent, BatchState};
 use crate::engine::batch::{BatchConfig, BatchCtx};
@@ -38,7 +39,7 @@ use crate::engine::wallet::ledger::LedgerEntry;
 use crate::engine::wallet::state::{
     Balances, Statement, WalletCommand, WalletError, WalletEvent, WalletState,
 };
-use crate::ids::TenantId;
+use crate::ids::{AccessId, TenantId};
 use crate::webhooks::payload;
 use crate::webhooks::state::OutboxState;
 use crate::webhooks::Outbox;
@@ -103,6 +104,8 @@ pub struct EngineConfig {
     pub idempotency_keys_max: usize,
     /// Webhook delivery: schedule, timeouts, bounds, SSRF policy.
     pub webhooks: crate::webhooks::WebhookConfig,
+    /// Access-log entries kept in memory (and in snapshots); older ones are dropped.
+    pub access_log_max: usize,
 }
 
 impl EngineConfig {
@@ -124,6 +127,7 @@ impl EngineConfig {
             idempotency_retention_ms: 24 * 3600 * 1000,
             idempotency_keys_max: 1_000_000,
             webhooks: crate::webhooks::WebhookConfig::default(),
+            access_log_max: 200_000,
         }
     }
 }
@@ -231,6 +235,8 @@ struct Inner {
     wallet_ops_in_flight: AtomicU64,
     /// Webhook endpoints and deliveries; actors emit into it.
     outbox: Arc<Outbox>,
+    /// The access log (appended and applied under this lock: LSN order).
+    access: Mutex<AccessLog>,
 }
 
 /// The engine handle; clones share it.
@@ -267,6 +273,7 @@ impl Engine {
         let boot_ms = cfg.clock.now_ms();
         let hook_limits = crate::webhooks::outbox::limits(&cfg.webhooks);
         let mut hooks = OutboxState::new(hook_limits);
+        let mut access = AccessLog::new(cfg.access_log_max);
         let mut snapshot_lsn = None;
         let mut from = 1;
         if let Some(snap) = &lookup.snapshot {
@@ -292,6 +299,7 @@ impl Engine {
                 responses.insert(r, boot_ms);
             }
             hooks = OutboxState::from_image(image.webhooks, hook_limits);
+            access.restore(image.access, image.access_lsn);
             snapshot_lsn = Some(snap.lsn);
             from = snap.lsn + 1;
         }
@@ -323,6 +331,12 @@ impl Engine {
                                 hooks.emit(e);
                             }
                         }
+                        replayed += 1;
+                    }
+                }
+                Record::Access(e) => {
+                    if lsn > access.last_lsn {
+                        access.apply(e, lsn);
                         replayed += 1;
                     }
                 }
@@ -432,6 +446,7 @@ impl Engine {
             responses: Mutex::new(responses),
             wallet_ops_in_flight: AtomicU64::new(0),
             outbox,
+            access: Mutex::new(access),
             cfg,
         });
         let engine = Engine { inner };
@@ -754,6 +769,50 @@ impl Engine {
         &self.inner.outbox
     }
 
+    /// Records an access and waits until it is durable (the caller answers after).
+    pub async fn record_access(&self, mut entry: AccessEntry) -> Result<(), EngineError> {
+        entry.at_ms = self.now_ms();
+        entry.id = AccessId::generate(entry.at_ms);
+        if let Some(ua) = &mut entry.user_agent {
+            if ua.len() > crate::delivery::access::USER_AGENT_BYTES_MAX {
+                let mut end = crate::delivery::access::USER_AGENT_BYTES_MAX;
+                while !ua.is_char_boundary(end) {
+                    end -= 1;
+                }
+                ua.truncate(end);
+            }
+        }
+        let durable = {
+            let mut log = self.inner.access.lock().expect("not poisoned");
+            let record = Record::Access(entry);
+            let durable = self.inner.wal.append(&journal::encode(&record))?;
+            let Record::Access(entry) = record else {
+                unreachable!("built above")
+            };
+            log.apply(entry, durable.lsn());
+            self.inner.events_appended.fetch_add(1, Ordering::Relaxed);
+            durable
+        };
+        durable.await?;
+        Ok(())
+    }
+
+    /// Access-log entries, newest first, below `before`.
+    pub fn access_page(
+        &self,
+        filter: &AccessFilter,
+        before: Option<AccessId>,
+        limit: usize,
+    ) -> Vec<AccessEntry> {
+        // A filtered page looks at no more than this many entries (bounded work).
+        const SCAN_MAX: usize = 200_000;
+        self.inner
+            .access
+            .lock()
+            .expect("not poisoned")
+            .page(filter, before, limit, SCAN_MAX)
+    }
+
     /// Takes a snapshot now; returns the LSN it covers. Older segments and snapshots
     /// are then deleted.
     pub async fn snapshot_now(&self) -> Result<u64, EngineError> {
@@ -772,6 +831,10 @@ impl Engine {
         };
         // Last: every event of a record some captured state holds was emitted already.
         let webhooks = i.outbox.image(covered_lsn);
+        let (access, access_lsn) = {
+            let a = i.access.lock().expect("not poisoned");
+            (a.image(), a.last_lsn)
+        };
         // Everything captured was appended before this point: once it is acknowledged,
         // the image holds nothing the log could still lose.
         let newest = i.wal.next_lsn() - 1;
@@ -783,6 +846,8 @@ impl Engine {
             accounts,
             responses,
             webhooks,
+            access,
+            access_lsn,
         });
         let snap_dir = crate::snapshot_dir(&i.cfg.data_dir);
         wal::write_snapshot(&snap_dir, covered_lsn, &bytes)?;

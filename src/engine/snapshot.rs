@@ -8,6 +8,7 @@
 //! written only after every captured LSN is acknowledged, so it never holds a change the
 //! log could lose.
 
+use crate::delivery::access::AccessEntry;
 use crate::engine::accounts::AccountsState;
 use crate::engine::batch::state::BatchState;
 use crate::engine::idempotency::StoredResponse;
@@ -30,6 +31,9 @@ pub struct EngineImage {
     pub responses: Vec<StoredResponse>,
     /// Webhook endpoints and deliveries (captured after every wallet and batch).
     pub webhooks: OutboxImage,
+    /// The access log's entries kept in memory, and the LSN of the last one.
+    pub access: Vec<AccessEntry>,
+    pub access_lsn: u64,
 }
 
 /// Encodes an image.

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod batches;
 pub mod system;
+pub mod videos;
 pub mod views;
 pub mod wallet;
 pub mod webhooks;
@@ -16,6 +17,7 @@ use crate::api::AppState;
 pub const BATCHES_WRITE: u8 = 1;
 pub const BATCHES_READ: u8 = 2;
 pub const WALLET_READ: u8 = 4;
+pub const VIDEOS_READ: u8 = 8;
 pub const WEBHOOKS_WRITE: u8 = 16;
 
 /// Who may call a route.
@@ -128,6 +130,44 @@ pub static ROUTES: &[Route] = &[
     route!(GET "/v1/usage", "getUsage", "This tenant's usage per key by hour or day",
         Auth::Key(None), mutating: false, request: None, ok: (200, "Usage"),
         query: &["granularity", "from", "to", "key_id"], system::usage),
+    // Customer: videos, links, embeds, the access log.
+    route!(GET "/v1/videos/{id}", "getVideo", "A video's metadata", Auth::Key(Some(VIDEOS_READ)),
+        mutating: false, request: None, ok: (200, "Video"), query: NONE, videos::get),
+    route!(GET "/v1/videos/{id}/content", "getVideoContent",
+        "The file (the plan's rendition), with Range support",
+        Auth::Key(Some(VIDEOS_READ)), mutating: false, request: None, ok: (200, "Binary"),
+        query: NONE, videos::content),
+    route!(POST "/v1/videos/{id}/links", "createVideoLink",
+        "A signed, expiring URL of the file (or of its embed page)",
+        Auth::Key(Some(VIDEOS_READ)), mutating: true, request: Some("LinkRequest"),
+        ok: (201, "Link"), query: NONE, videos::create_link),
+    route!(POST "/v1/link-secret/rotate", "rotateLinkSecret",
+        "Revoke every signed link and embed URL issued so far",
+        Auth::Key(Some(VIDEOS_READ)), mutating: true, request: None, ok: (200, "Object"),
+        query: NONE, videos::rotate_link_secret),
+    route!(GET "/v1/embed-domains", "listEmbedDomains", "Domains whose pages may embed",
+        Auth::Key(Some(VIDEOS_READ)), mutating: false, request: None,
+        ok: (200, "EmbedDomainList"), query: NONE, videos::list_domains),
+    route!(POST "/v1/embed-domains", "addEmbedDomain",
+        "Allow a domain (example.com or *.example.com) to embed",
+        Auth::Key(Some(VIDEOS_READ)), mutating: true, request: Some("EmbedDomain"),
+        ok: (201, "EmbedDomain"), query: NONE, videos::add_domain),
+    route!(DELETE "/v1/embed-domains/{domain}", "removeEmbedDomain", "Stop a domain embedding",
+        Auth::Key(Some(VIDEOS_READ)), mutating: true, request: None,
+        ok: (200, "EmbedDomain"), query: NONE, videos::remove_domain),
+    route!(GET "/v1/access-log", "listAccessLog",
+        "Downloads, link uses and embeds, allowed or denied, newest first",
+        Auth::Key(Some(VIDEOS_READ)), mutating: false, request: None,
+        ok: (200, "AccessLogList"),
+        query: &["video_id", "kind", "allowed", "from", "to", "limit", "cursor"],
+        videos::access_log),
+    route!(GET "/v/{id}", "openLink", "A signed link: the file without a key", Auth::Public,
+        mutating: false, request: None, ok: (200, "Binary"), query: &["exp", "sig"],
+        videos::link),
+    route!(GET "/embed/{id}", "openEmbed",
+        "A signed embed page, for pages on the owner's whitelist", Auth::Public,
+        mutating: false, request: None, ok: (200, "Text"), query: &["exp", "sig"],
+        videos::embed),
     // Customer: webhooks.
     route!(POST "/v1/webhook-endpoints", "createWebhookEndpoint",
         "Register an endpoint (the signing secret is returned here and on rotation only)",
@@ -201,6 +241,11 @@ pub static ROUTES: &[Route] = &[
         "The tenant's whole ledger as JSON lines with hashes, and whether the chain verifies",
         Auth::Admin, mutating: false, request: None, ok: (200, "Text"), query: NONE,
         admin::export_ledger),
+    route!(GET "/admin/v1/access-log", "adminAccessLog",
+        "The access log across tenants, newest first", Auth::Admin, mutating: false,
+        request: None, ok: (200, "AccessLogList"),
+        query: &["tenant_id", "video_id", "kind", "allowed", "from", "to", "limit", "cursor"],
+        videos::admin_access_log),
     route!(GET "/admin/v1/usage/top", "topUsage", "Top tenants and routes over a window",
         Auth::Admin, mutating: false, request: None, ok: (200, "TopUsage"),
         query: &["window", "limit"], admin::top_usage),

@@ -146,6 +146,11 @@ impl BatchActor {
         };
         let lsn = durable.lsn();
         self.state.apply(&event, lsn);
+        if let BatchEvent::Succeeded { item, output, .. } = &event {
+            let mut d = self.ctx.dir.map.write().expect("not poisoned");
+            d.videos
+                .insert(output.video, (self.state.tenant, self.state.id, *item));
+        }
         if crate::webhooks::payload::batch_may_emit(&event) {
             let state = &self.state;
             self.ctx.outbox.emit(state.tenant, || {

@@ -38,7 +38,7 @@ use crate::engine::events::Record;
 use crate::engine::scheduler::Scheduler;
 use crate::engine::wallet::state::{Hold, WalletError};
 use crate::engine::{journal, Clock, Engine};
-use crate::ids::{BatchId, KeyId, TenantId};
+use crate::ids::{BatchId, KeyId, TenantId, VideoId};
 use crate::providers::Registry;
 
 /// How attempts run. Every bound is here, with its default.
@@ -291,6 +291,23 @@ impl BatchView {
     }
 }
 
+/// A stored video (SPEC §7 metadata).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VideoInfo {
+    pub id: VideoId,
+    pub tenant: TenantId,
+    pub batch: BatchId,
+    pub item_id: String,
+    pub index: u32,
+    pub prompt: String,
+    pub content_type: String,
+    /// Size of the clean rendition.
+    pub bytes: u64,
+    /// Size of the watermarked rendition, when one was made.
+    pub watermarked_bytes: Option<u64>,
+    pub created_at_ms: u64,
+}
+
 /// An item as clients read it (SPEC §11).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ItemView {
@@ -374,6 +391,9 @@ pub(crate) struct DirState {
     pub day_key_credits: HashMap<(KeyId, u64), u64>,
     /// The newest day counters were pruned for.
     pub pruned_day: u64,
+    /// Every stored video → (owner, batch, item): `/v1/videos/{id}`, links and embeds
+    /// resolve through it. Derived from the batches (rebuilt by recovery).
+    pub videos: HashMap<VideoId, (TenantId, BatchId, u32)>,
 }
 
 /// Milliseconds per UTC day.
@@ -475,6 +495,11 @@ impl Directory {
             d.day_key_credits.retain(|(_, dd), _| *dd + 1 >= day);
         }
         d.by_tenant.insert((state.tenant, state.id));
+        for (i, item) in state.items.iter().enumerate() {
+            if let Some(o) = &item.output {
+                d.videos.insert(o.video, (state.tenant, state.id, i as u32));
+            }
+        }
         if let Some(r) = &state.spec.request_id {
             d.requests.insert(
                 (state.tenant, r.clone()),
@@ -833,6 +858,50 @@ impl Engine {
             ReadAnswer::Items(v) => Ok(v),
             _ => unreachable!("answer matches the read"),
         }
+    }
+
+    /// A stored video: its owner, where it came from, its renditions. `tenant: None`
+    /// (links and embeds, which carry no key) finds any tenant's; otherwise another
+    /// tenant's video is `NotFound`.
+    pub async fn video(
+        &self,
+        tenant: Option<TenantId>,
+        id: VideoId,
+    ) -> Result<VideoInfo, BatchError> {
+        let found = self
+            .batch_ctx()
+            .dir
+            .map
+            .read()
+            .expect("not poisoned")
+            .videos
+            .get(&id)
+            .copied();
+        let (owner, batch, item) = found
+            .filter(|(owner, ..)| tenant.is_none_or(|t| t == *owner))
+            .ok_or(BatchError::NotFound)?;
+        let view = self
+            .batch_items(owner, batch, item, 1)
+            .await?
+            .pop()
+            .ok_or(BatchError::NotFound)?;
+        let output = view
+            .output
+            .filter(|o| o.video == id)
+            .ok_or(BatchError::NotFound)?;
+        Ok(VideoInfo {
+            id,
+            tenant: owner,
+            batch,
+            item_id: view.id,
+            index: view.index,
+            prompt: view.prompt,
+            content_type: output.content_type,
+            bytes: output.bytes,
+            watermarked_bytes: output.watermarked_bytes,
+            // Video ids carry their creation time in the high 48 bits.
+            created_at_ms: (id.0 >> 80) as u64,
+        })
     }
 
     /// A copy of a batch's whole state (tests, reconciliation).
