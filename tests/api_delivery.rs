@@ -161,6 +161,15 @@ fn content_ranges_watermarks_and_the_download_log() {
         assert!(e["user_agent"].is_string() || e["user_agent"].is_null());
         assert!(e["at"].is_string());
         assert_eq!(e["detail"], "clean");
+        let future = "2100-01-01T00:00:00Z";
+        assert!(access(&api, &pro, &format!("?from={future}"))
+            .await
+            .is_empty());
+        assert_eq!(access(&api, &pro, &format!("?to={future}")).await.len(), 6);
+        let page = api.get(&pro, "/v1/access-log?limit=4").await;
+        let cursor = page.body["next_cursor"].as_str().unwrap().to_owned();
+        let rest = access(&api, &pro, &format!("?limit=4&cursor={cursor}")).await;
+        assert_eq!(rest.len(), 2);
         let slog = access(&api, &starter, "").await;
         assert_eq!(slog.len(), 1);
         assert_eq!(slog[0]["detail"], "watermarked");
