@@ -5,6 +5,7 @@
 //! - `main.rs`         the `reelbatch` command line (clap): parses, dispatches, sets exit codes
 //! - `cli/offline.rs`  offline tools on a stopped server's data directory: `wal verify`,
 //!   `wal dump`
+//! - `cli/demo.rs`     `reelbatch demo`: the pilot end to end against an in-process server
 //! - `engine/`         actors over the WAL: boot, recovery, snapshots, the actor directory
 //!   - `engine/wallet/` the only code that moves credits: state (decide/apply), ledger
 //!     hash chain, the per-tenant actor

@@ -28,6 +28,13 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// The pilot, end to end, on embedded defaults: an in-process server in a fresh
+    /// temporary data directory, a 20-video batch, webhooks, a report, reconciliation.
+    Demo {
+        /// Leave the server running afterwards (Ctrl-C stops it).
+        #[arg(long)]
+        keep: bool,
+    },
     /// Offline tools for the write-ahead log of a stopped server.
     Wal {
         #[command(subcommand)]
@@ -62,6 +69,14 @@ fn main() -> ExitCode {
             listen,
             config,
         } => serve(data_dir, listen, config),
+        Command::Demo { keep } => {
+            // The report is the output: only warnings from the server in between.
+            if let Ok(mut cfg) = reelbatch::config::Config::load(None) {
+                cfg.log.level = "warn".into();
+                init_logs(&cfg);
+            }
+            reelbatch::cli::demo::run(keep)
+        }
         Command::Wal { command } => match command {
             WalCommand::Verify { data_dir } => {
                 let (mut out, mut err) = lock();

@@ -1,3 +1,4 @@
 //! Subcommands of the `reelbatch` binary that are more than argument parsing.
 
+pub mod demo;
 pub mod offline;
