@@ -35,6 +35,17 @@ pub mod webhooks;
 
 use std::path::{Path, PathBuf};
 
+/// Cuts `s` to at most `bytes_max` bytes on a character boundary (bounded stored text).
+pub fn truncate_utf8(s: &mut String, bytes_max: usize) {
+    if s.len() > bytes_max {
+        let mut end = bytes_max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
 /// `D/wal`: where the segments of a data directory live.
 pub fn wal_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("wal")

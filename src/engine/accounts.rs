@@ -582,30 +582,28 @@ impl crate::engine::Engine {
         Ok(())
     }
 
-    /// Adds (`true`) or removes an embed domain; returns the tenant's list after.
+    /// Adds (`true`) or removes an embed domain; returns it as stored (normalised).
     pub async fn set_embed_domain(
         &self,
         tenant: TenantId,
         domain: &str,
         add: bool,
-    ) -> Result<Vec<String>, AccountError> {
+    ) -> Result<String, AccountError> {
         let domain = check_embed_domain(domain)?;
-        let (list, durable) = {
+        let durable = {
             let mut acc = self.inner.accounts.write().expect("not poisoned");
             let t = acc.tenants.get(&tenant).ok_or(AccountError::NotFound)?;
             let present = t.embed_domains.contains(&domain);
             if present == add {
-                (t.embed_domains.clone(), None) // already so: nothing to record
+                None // already so: nothing to record
             } else {
                 if add && t.embed_domains.len() >= EMBED_DOMAINS_MAX {
                     return Err(AccountError::Invalid(format!(
                         "a tenant may list at most {EMBED_DOMAINS_MAX} embed domains"
                     )));
                 }
-                if !add && !present {
-                    return Err(AccountError::NotFound);
-                }
                 let at_ms = self.now_ms();
+                let domain = domain.clone();
                 let event = if add {
                     AccountEvent::EmbedDomainAdded {
                         tenant,
@@ -619,8 +617,7 @@ impl crate::engine::Engine {
                         at_ms,
                     }
                 };
-                let d = self.append_account(&mut acc, event)?;
-                (acc.tenants[&tenant].embed_domains.clone(), Some(d))
+                Some(self.append_account(&mut acc, event)?)
             }
         };
         if let Some(d) = durable {
@@ -629,7 +626,7 @@ impl crate::engine::Engine {
         } else if !add {
             return Err(AccountError::NotFound);
         }
-        Ok(list)
+        Ok(domain)
     }
 
     /// A key.

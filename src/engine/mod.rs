@@ -774,13 +774,7 @@ impl Engine {
         entry.at_ms = self.now_ms();
         entry.id = AccessId::generate(entry.at_ms);
         if let Some(ua) = &mut entry.user_agent {
-            if ua.len() > crate::delivery::access::USER_AGENT_BYTES_MAX {
-                let mut end = crate::delivery::access::USER_AGENT_BYTES_MAX;
-                while !ua.is_char_boundary(end) {
-                    end -= 1;
-                }
-                ua.truncate(end);
-            }
+            crate::truncate_utf8(ua, crate::delivery::access::USER_AGENT_BYTES_MAX);
         }
         let durable = {
             let mut log = self.inner.access.lock().expect("not poisoned");

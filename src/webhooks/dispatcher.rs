@@ -168,13 +168,7 @@ fn jittered(delay_ms: u64, jitter_pct: u64) -> u64 {
 }
 
 fn cut(mut s: String) -> String {
-    if s.len() > ERROR_BYTES_MAX {
-        let mut end = ERROR_BYTES_MAX;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
+    crate::truncate_utf8(&mut s, ERROR_BYTES_MAX);
     s
 }
 
