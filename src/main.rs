@@ -40,6 +40,41 @@ enum Command {
         #[command(subcommand)]
         command: WalCommand,
     },
+    /// Offline: recompute every wallet and batch of a stopped server's data directory from
+    /// the ledger and item outcomes (as GET /admin/v1/reconciliation does); exit 2 on any
+    /// discrepancy or log corruption.
+    Reconcile {
+        /// The server's data directory.
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
+        /// Print the report as the admin endpoint's JSON (provenance goes to stderr).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Offline tools for the hash-chained ledgers of a stopped server.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerCommand {
+    /// Verify every tenant's hash chain; exit 2 if any is broken.
+    Verify {
+        /// The server's data directory.
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
+    },
+    /// One tenant's ledger as JSON lines with `prev_hash` and `hash`, then a chain line.
+    Export {
+        /// The server's data directory.
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
+        /// Tenant id (ten_…).
+        #[arg(long)]
+        tenant: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -87,6 +122,21 @@ fn main() -> ExitCode {
                 reelbatch::cli::offline::wal_dump(&data_dir, &mut out, &mut err)
             }
         },
+        Command::Reconcile { data_dir, json } => {
+            let (mut out, mut err) = lock();
+            reelbatch::cli::offline::reconcile(&data_dir, json, &mut out, &mut err)
+        }
+        Command::Ledger { command } => {
+            let (mut out, mut err) = lock();
+            match command {
+                LedgerCommand::Verify { data_dir } => {
+                    reelbatch::cli::offline::ledger_verify(&data_dir, &mut out, &mut err)
+                }
+                LedgerCommand::Export { data_dir, tenant } => {
+                    reelbatch::cli::offline::ledger_export(&data_dir, &tenant, &mut out, &mut err)
+                }
+            }
+        }
     };
     ExitCode::from(code)
 }

@@ -14,6 +14,7 @@ pub mod batch;
 pub mod events;
 pub mod idempotency;
 pub mod journal;
+pub mod rebuild;
 pub mod reconcile;
 pub mod scheduler;
 pub mod snapshot;
@@ -29,7 +30,6 @@ use actix::{Actor, Addr};
 
 use crate::delivery::access::{AccessEntry, AccessFilter, AccessLog};
 use crate::engine::accounts::AccountsState;
-use crate::engine::batch::state::{BatchEvent, BatchState};
 use crate::engine::batch::{BatchConfig, BatchCtx};
 use crate::engine::events::Record;
 use crate::engine::idempotency::ResponseStore;
@@ -40,8 +40,6 @@ use crate::engine::wallet::state::{
     Balances, Statement, WalletCommand, WalletError, WalletEvent, WalletState,
 };
 use crate::ids::{AccessId, TenantId};
-use crate::webhooks::payload;
-use crate::webhooks::state::OutboxState;
 use crate::webhooks::Outbox;
 
 /// Source of time for decisions (expiry, ledger timestamps). Tests use `ManualClock`.
@@ -265,134 +263,26 @@ impl Engine {
             },
         )?;
 
-        let mut states: HashMap<TenantId, WalletState> = HashMap::new();
-        let mut batches: HashMap<crate::ids::BatchId, BatchState> = HashMap::new();
-        let mut accounts = AccountsState::default();
-        let mut responses =
-            ResponseStore::new(cfg.idempotency_retention_ms, cfg.idempotency_keys_max);
-        let boot_ms = cfg.clock.now_ms();
-        let hook_limits = crate::webhooks::outbox::limits(&cfg.webhooks);
-        let mut hooks = OutboxState::new(hook_limits);
-        let mut access = AccessLog::new(cfg.access_log_max);
-        let mut snapshot_lsn = None;
-        let mut from = 1;
-        if let Some(snap) = &lookup.snapshot {
-            let image =
-                snapshot::decode(snap.payload.as_slice()).map_err(|e| EngineError::Record {
-                    lsn: snap.lsn,
-                    reason: format!("snapshot: {e}"),
-                })?;
-            if image.covered_lsn != snap.lsn {
-                return Err(EngineError::Record {
-                    lsn: snap.lsn,
-                    reason: "snapshot header and image disagree on the LSN".into(),
-                });
-            }
-            for w in image.wallets {
-                states.insert(w.tenant, w);
-            }
-            for b in image.batches {
-                batches.insert(b.id, b);
-            }
-            accounts = image.accounts;
-            for r in image.responses {
-                responses.insert(r, boot_ms);
-            }
-            hooks = OutboxState::from_image(image.webhooks, hook_limits);
-            access.restore(image.access, image.access_lsn);
-            snapshot_lsn = Some(snap.lsn);
-            from = snap.lsn + 1;
-        }
+        let mut rebuilt = rebuild::Rebuilt::from_snapshot(&cfg, lookup.snapshot.as_ref())?;
+        let from = rebuilt.next_lsn();
         if report.frames > 0 && wal.first_lsn() > from {
             return Err(EngineError::Gap {
                 snapshot: from - 1,
                 first: wal.first_lsn(),
             });
         }
-        let mut replayed = 0u64;
-        let mut replay = wal.replay(from)?;
-        while let Some(frame) = replay.next_frame()? {
-            let lsn = frame.lsn;
-            let record = journal::decode(frame.payload).map_err(|e| EngineError::Record {
-                lsn,
-                reason: e.to_string(),
-            })?;
-            match record {
-                Record::Wallet { tenant, event } => {
-                    let state = states
-                        .entry(tenant)
-                        .or_insert_with(|| WalletState::new(tenant));
-                    if lsn > state.last_lsn {
-                        let before = state.available;
-                        state.apply(&event, lsn);
-                        // The same events the live actor emitted (see `webhooks`).
-                        if hooks.listens(tenant) {
-                            for e in payload::wallet_events(state, before, &event, lsn) {
-                                hooks.emit(e);
-                            }
-                        }
-                        replayed += 1;
-                    }
-                }
-                Record::Access(e) => {
-                    if lsn > access.last_lsn {
-                        access.apply(e, lsn);
-                        replayed += 1;
-                    }
-                }
-                Record::Webhook(r) => {
-                    if lsn > hooks.last_lsn {
-                        hooks.apply(&r, lsn);
-                        replayed += 1;
-                    }
-                }
-                Record::Account(event) => {
-                    if lsn > accounts.last_lsn {
-                        accounts.apply(&event, lsn);
-                        replayed += 1;
-                    }
-                }
-                Record::Response(r) => {
-                    responses.insert(r, boot_ms);
-                    replayed += 1;
-                }
-                Record::Batch { batch, event } => match event {
-                    BatchEvent::Created {
-                        tenant,
-                        spec,
-                        at_ms,
-                    } => {
-                        if let std::collections::hash_map::Entry::Vacant(v) = batches.entry(batch) {
-                            v.insert(BatchState::created(batch, tenant, *spec, at_ms, lsn));
-                            replayed += 1;
-                        }
-                    }
-                    // A rejected batch is dropped; one already gone (not in a fuzzy
-                    // snapshot because it was dropped before the capture) is skipped.
-                    BatchEvent::Rejected { .. } => {
-                        if batches.get(&batch).is_some_and(|s| lsn > s.last_lsn) {
-                            batches.remove(&batch);
-                            replayed += 1;
-                        }
-                    }
-                    event => {
-                        let state = batches.get_mut(&batch).ok_or_else(|| EngineError::Record {
-                            lsn,
-                            reason: format!("event for unknown batch {batch}"),
-                        })?;
-                        if lsn > state.last_lsn {
-                            state.apply(&event, lsn);
-                            if hooks.listens(state.tenant) {
-                                for e in payload::batch_events(state, &event, lsn) {
-                                    hooks.emit(e);
-                                }
-                            }
-                            replayed += 1;
-                        }
-                    }
-                },
-            }
-        }
+        rebuilt.replay(&mut wal.replay(from)?)?;
+        let rebuild::Rebuilt {
+            wallets: states,
+            batches,
+            accounts,
+            responses,
+            hooks,
+            access,
+            snapshot_lsn,
+            events_replayed: replayed,
+            ..
+        } = rebuilt;
 
         // Holds of batches still running: which items' money the wallet already has.
         let holds: HashMap<crate::ids::BatchId, wallet::state::Hold> = batches

@@ -43,13 +43,13 @@ pub use error::{Error, Result};
 pub use fault::{FaultInjector, WriteFault};
 pub use frame::{FRAME_HEADER_BYTES, FRAME_VERSION};
 pub use recovery::{
-    scan, Frame, FrameInfo, Problem, ProblemKind, Replay, Scan, SegmentSummary,
+    read_only, scan, Frame, FrameInfo, Problem, ProblemKind, Replay, Scan, SegmentSummary,
     SEGMENT_FILE_BYTES_LIMIT,
 };
 pub use segment::{list_segments, segment_file_name, SEGMENT_HEADER_BYTES};
 pub use snapshot::{
-    latest_snapshot, prune_snapshots, read_snapshot, snapshot_file_name, write_snapshot, Snapshot,
-    SnapshotLookup,
+    find_latest_snapshot, latest_snapshot, prune_snapshots, read_snapshot, snapshot_file_name,
+    write_snapshot, Snapshot, SnapshotLookup,
 };
 
 use error::IoContext;

@@ -152,6 +152,32 @@ fn recognizable_frames(data: &[u8], from: usize, lsn_min: u64) -> u64 {
     count
 }
 
+/// Opens the log of `dir` for reading only (offline tools on a stopped server): scans it,
+/// then returns the scan's verdict and a replay of every valid frame from `from_lsn` up to
+/// the first problem. Nothing is truncated, renamed or removed, so a torn tail is still
+/// there for the server's next open to report and cut. `from_lsn` below the first LSN on
+/// disk is `Error::LsnUnavailable` (a snapshot must cover what compaction deleted).
+pub fn read_only(dir: &Path, from_lsn: u64) -> Result<(Scan, Replay)> {
+    let scan = scan(dir, |_| {})?;
+    let end = scan.last_lsn();
+    let segments: Vec<(u64, PathBuf)> = scan
+        .segments
+        .iter()
+        .map(|s| (s.first_lsn, s.path.clone()))
+        .collect();
+    let first = segments.first().map_or(end + 1, |s| s.0);
+    let from = from_lsn.max(1);
+    if from < first && end >= first {
+        return Err(Error::LsnUnavailable {
+            requested: from,
+            first,
+        });
+    }
+    let start = segments.iter().rposition(|(f, _)| *f <= from).unwrap_or(0);
+    let replay = Replay::new(segments[start..].to_vec(), from, end);
+    Ok((scan, replay))
+}
+
 /// Scans the segments of `dir` without modifying anything. `on_frame` sees every valid
 /// frame in log order up to the first problem.
 pub fn scan(dir: &Path, mut on_frame: impl FnMut(&FrameInfo<'_>)) -> Result<Scan> {

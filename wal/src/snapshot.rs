@@ -136,11 +136,19 @@ pub fn read_snapshot(path: &Path, bytes_max: u64) -> Result<Snapshot> {
 /// Finds the newest snapshot that validates (and whose header LSN matches its name),
 /// removing stray `.tmp` files of interrupted writes. A missing directory means none.
 pub fn latest_snapshot(dir: &Path, bytes_max: u64) -> Result<SnapshotLookup> {
+    if dir.exists() {
+        remove_tmp_files(dir)?;
+    }
+    find_latest_snapshot(dir, bytes_max)
+}
+
+/// `latest_snapshot` without touching the directory (offline tools): stray `.tmp` files
+/// are left for the server's next open.
+pub fn find_latest_snapshot(dir: &Path, bytes_max: u64) -> Result<SnapshotLookup> {
     let mut lookup = SnapshotLookup::default();
     if !dir.exists() {
         return Ok(lookup);
     }
-    remove_tmp_files(dir)?;
     for (lsn, path) in list_numbered(dir, SNAPSHOT_EXT)?.into_iter().rev() {
         match read_snapshot(&path, bytes_max) {
             Ok(s) if s.lsn == lsn => {

@@ -629,3 +629,81 @@ fn salvage_of_first_segment_header_after_compaction_keeps_lsns_monotonic() {
     assert_eq!(lsn, first);
     w.close().unwrap();
 }
+
+/// Every (LSN, payload) a read-only replay from `from` yields, and its scan's verdict.
+fn read_only_all(dir: &Path, from: u64) -> (wal::Scan, Vec<(u64, Vec<u8>)>) {
+    let (scan, mut r) = wal::read_only(dir, from).unwrap();
+    let mut out = Vec::new();
+    while let Some(f) = r.next_frame().unwrap() {
+        out.push((f.lsn, f.payload.to_vec()));
+    }
+    (scan, out)
+}
+
+/// Bytes of every file in a flat directory, by name (to prove nothing was modified).
+fn dir_bytes(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            (file_name(&p), fs::read(&p).unwrap())
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn read_only_replay_stops_at_the_first_problem_and_modifies_nothing() {
+    let src = build_log(120);
+    assert!(
+        segment_names(src.path()).len() > 2,
+        "spans several segments"
+    );
+
+    // Clean: every frame, from any start.
+    let (scan, frames) = read_only_all(src.path(), 1);
+    assert!(scan.problem.is_none());
+    assert_eq!(frames, expected(1..=120));
+    assert_eq!(read_only_all(src.path(), 37).1, expected(37..=120));
+
+    // A torn tail: the valid frames, the tail left in place for the server to cut.
+    let torn = copy_log(src.path());
+    let newest = torn.path().join(segment_names(torn.path()).last().unwrap());
+    append_bytes(&newest, &[0x5a; 11]);
+    let before = dir_bytes(torn.path());
+    let (scan, frames) = read_only_all(torn.path(), 1);
+    assert_eq!(scan.problem.unwrap().kind, ProblemKind::TornTail);
+    assert_eq!(frames, expected(1..=120));
+    assert_eq!(
+        dir_bytes(torn.path()),
+        before,
+        "read-only left the tail alone"
+    );
+
+    // Corruption in the middle: frames up to it, the verdict names it, nothing repaired.
+    let bad = copy_log(src.path());
+    let victim = frames_on_disk(src.path())[70].clone();
+    flip_bit(
+        &bad.path().join(&victim.segment),
+        victim.offset + FRAME_HEADER_BYTES as u64,
+        3,
+    );
+    let before = dir_bytes(bad.path());
+    let (scan, frames) = read_only_all(bad.path(), 1);
+    assert_eq!(scan.problem.unwrap().kind, ProblemKind::Corruption);
+    assert_eq!(frames, expected(1..=victim.lsn - 1));
+    assert_eq!(dir_bytes(bad.path()), before);
+
+    // A leftover temporary file stays too (Wal::open would remove it).
+    let tmp = copy_log(src.path());
+    fs::write(tmp.path().join("00000000000000000999.wal.tmp"), b"partial").unwrap();
+    let before = dir_bytes(tmp.path());
+    assert_eq!(read_only_all(tmp.path(), 1).1, expected(1..=120));
+    assert_eq!(dir_bytes(tmp.path()), before);
+
+    // The log is still opened normally afterwards.
+    let (w, report) = open_clean(src.path());
+    assert_eq!(report.last_lsn, 120);
+    w.close().unwrap();
+}

@@ -297,26 +297,7 @@ pub async fn reconciliation(State(st): State<AppState>) -> Result<Response, Prob
         .reconcile()
         .await
         .map_err(|e| Problem::unavailable(e.to_string()))?;
-    let discrepancies: Vec<serde_json::Value> = r
-        .discrepancies
-        .iter()
-        .map(|d| {
-            json!({
-                "tenant_id": d.tenant.to_string(),
-                "batch_id": d.batch.map(|b| b.to_string()),
-                "check": d.check,
-                "detail": d.detail,
-            })
-        })
-        .collect();
-    Ok(json(
-        StatusCode::OK,
-        &json!({
-            "tenants_checked": r.tenants_checked,
-            "batches_checked": r.batches_checked,
-            "discrepancies": discrepancies,
-        }),
-    ))
+    Ok(json(StatusCode::OK, &views::reconciliation(&r)))
 }
 
 /// Audit search: ledger entries across tenants (or one), filtered, in (tenant, seq) order.

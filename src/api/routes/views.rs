@@ -92,6 +92,27 @@ pub fn entry_id(tenant: TenantId, seq: u64) -> String {
     format!("led_{}_{seq}", &t[TenantId::PREFIX.len()..])
 }
 
+/// A reconciliation report (the admin endpoint and `reelbatch reconcile --json`).
+pub fn reconciliation(r: &crate::engine::reconcile::Report) -> Value {
+    let discrepancies: Vec<Value> = r
+        .discrepancies
+        .iter()
+        .map(|d| {
+            json!({
+                "tenant_id": d.tenant.to_string(),
+                "batch_id": d.batch.map(|b| b.to_string()),
+                "check": d.check,
+                "detail": d.detail,
+            })
+        })
+        .collect();
+    json!({
+        "tenants_checked": r.tenants_checked,
+        "batches_checked": r.batches_checked,
+        "discrepancies": discrepancies,
+    })
+}
+
 pub fn ledger_entry(tenant: TenantId, e: &LedgerEntry, prev_hash: Option<&[u8; 32]>) -> Value {
     let amount = if e.negative {
         json!(-(e.amount as i128) as i64)
