@@ -128,6 +128,10 @@ key_spend_caps = true
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "REELBATCH_";
 
+/// Variables with the prefix that belong to the `submit` client, not to the server's
+/// configuration (so one shell can export both without the server refusing to start).
+pub const CLIENT_ENV_VARS: [&str; 2] = ["REELBATCH_URL", "REELBATCH_API_KEY"];
+
 /// A configuration that cannot be used (the message names the key).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -307,7 +311,7 @@ impl Config {
         let mut overrides = toml::Table::new();
         let mut vars: Vec<(String, String)> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !CLIENT_ENV_VARS.contains(&k.as_str()))
             .collect();
         vars.sort();
         for (name, raw) in vars {
@@ -559,6 +563,12 @@ mod tests {
         std::fs::write(&f, "[plans.pro]\nburst_size = 5\n").unwrap();
         let e = Config::load_with_env(Some(&f), env(&[])).unwrap_err();
         assert!(e.to_string().contains("plans.pro.burst_size"), "{e}");
+        // The submit client's variables are not configuration.
+        Config::load_with_env(
+            None,
+            env(&[("REELBATCH_URL", "http://x"), ("REELBATCH_API_KEY", "rb_x")]),
+        )
+        .unwrap();
         let e = Config::load_with_env(None, env(&[("REELBATCH_LIMITS__NOPE", "1")])).unwrap_err();
         assert!(e.to_string().contains("limits.nope"), "{e}");
         let e = Config::load_with_env(None, env(&[("REELBATCH_DURABILITY__MODE", "fast")]))

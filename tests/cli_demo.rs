@@ -22,6 +22,7 @@ fn the_demo_runs_to_an_empty_reconciliation() {
     for needle in [
         "quote           20 videos × 40 credits = 800 credits",
         "credits         held 800",
+        "statement       opening 0  top-ups 2000  held 800",
         "0 discrepancies",
         "signatures verified",
         "batch.created ×1",
@@ -43,5 +44,21 @@ fn the_demo_runs_to_an_empty_reconciliation() {
         .and_then(|l| l.split(" (").next())
         .expect("the data directory is reported");
     assert!(std::path::Path::new(dir).join("wal").is_dir());
+    // The offline tools agree on the data the demo leaves behind.
+    for args in [
+        &["reconcile", "--data-dir", dir][..],
+        &["ledger", "verify", "--data-dir", dir][..],
+        &["wal", "verify", "--data-dir", dir][..],
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_reelbatch"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }

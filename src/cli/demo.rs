@@ -4,9 +4,10 @@
 //! `serve` as `reelbatch serve`), then drives it over HTTP like a customer would: a pro
 //! tenant and key, a top-up, a local webhook receiver, a quote, and a 20-video batch
 //! (4 styles × 5 scenes; one scene carries `[reject]`, one `[flaky]`, so refunds and
-//! retries show). A live progress line, then a report: outcome, credits held / settled /
-//! released, the wallet before and after, the webhook events with their signature check,
-//! where the videos are, and the reconciliation. `--keep` leaves the server running.
+//! retries show). A live progress bar, then a report: outcome, credits held / settled /
+//! released, the wallet before and after, the statement, the webhook events with their
+//! signature check, where the videos are, and the reconciliation. `--keep` leaves the
+//! server running.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -14,8 +15,29 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::cli::client::Client;
+use crate::cli::progress::BatchProgress;
 use crate::config::Config;
 use crate::webhooks::sign;
+
+/// The demo's calls: every failure ends the demo with its message.
+struct Demo(Client);
+
+impl Demo {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+        idempotency_key: Option<&str>,
+    ) -> Result<Value, String> {
+        self.0
+            .call(method.clone(), path, token, body.as_ref(), idempotency_key)
+            .await
+            .map_err(|e| format!("{method} {path}: {e}"))
+    }
+}
 
 /// The whole demo is bounded by this.
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -52,66 +74,9 @@ pub fn run(keep: bool) -> u8 {
     }
 }
 
-struct Client {
-    http: reqwest::Client,
-    base: String,
-}
-
-impl Client {
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        token: &str,
-        body: Option<Value>,
-        idempotency_key: Option<&str>,
-    ) -> Result<Value, String> {
-        let mut rb = self
-            .http
-            .request(method.clone(), format!("{}{path}", self.base))
-            .bearer_auth(token);
-        if let Some(b) = body {
-            rb = rb.json(&b);
-        }
-        if let Some(k) = idempotency_key {
-            rb = rb.header("idempotency-key", k);
-        }
-        let r = rb
-            .send()
-            .await
-            .map_err(|e| format!("{method} {path}: {e}"))?;
-        let status = r.status();
-        let v: Value = r.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            return Err(format!("{method} {path}: {status}: {v}"));
-        }
-        Ok(v)
-    }
-}
-
 fn say(line: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
-    let _ = out.flush();
-}
-
-fn progress(v: &Value) {
-    let c = &v["counts"];
-    let n = |k: &str| c[k].as_u64().unwrap_or(0);
-    let total = n("total").max(1);
-    let done = n("succeeded") + n("failed") + n("canceled");
-    let width = 30;
-    let filled = (done * width / total) as usize;
-    let bar: String = "#".repeat(filled) + &".".repeat(width as usize - filled);
-    let mut out = std::io::stdout().lock();
-    let _ = write!(
-        out,
-        "\r  [{bar}] {done}/{total}  succeeded {}  failed {}  running {}  pending {}   ",
-        n("succeeded"),
-        n("failed"),
-        n("running"),
-        n("pending"),
-    );
     let _ = out.flush();
 }
 
@@ -200,13 +165,7 @@ async fn demo(keep: bool) -> Result<bool, String> {
         .map_err(|_| "the server stopped while starting".to_owned())?;
     let base = format!("http://{addr}");
     say(&format!("  server          {base}  (admin token {admin})"));
-    let c = Client {
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| e.to_string())?,
-        base: base.clone(),
-    };
+    let c = Demo(Client::new(&base, Duration::from_secs(30))?);
     use reqwest::Method;
 
     // A customer: tenant, key, credits, a webhook endpoint.
@@ -299,19 +258,19 @@ async fn demo(keep: bool) -> Result<bool, String> {
         "  batch           {id}: {} credits held",
         b["credits"]["held"]
     ));
+    let mut bar = BatchProgress::new(20);
     let fin = loop {
         let v = c
             .call(Method::GET, &format!("/v1/batches/{id}"), &key, None, None)
             .await?;
-        progress(&v);
+        bar.update(&v);
         if ["completed", "partial", "failed", "canceled"]
             .contains(&v["status"].as_str().unwrap_or(""))
         {
-            say("");
+            bar.finish(&v);
             break v;
         }
         if started.elapsed() > DEADLINE {
-            say("");
             return Err(format!("the batch did not finish within {DEADLINE:?}"));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -329,6 +288,9 @@ async fn demo(keep: bool) -> Result<bool, String> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let statement = c
+        .call(Method::GET, "/v1/wallet/statement", &key, None, None)
+        .await?;
     let recon = c
         .call(Method::GET, "/admin/v1/reconciliation", &admin, None, None)
         .await?;
@@ -366,6 +328,16 @@ async fn demo(keep: bool) -> Result<bool, String> {
     say(&format!(
         "  wallet          before {}  after {}  (spent {}, held {})",
         before["available"], after["available"], after["spent"], after["held"]
+    ));
+    say(&format!(
+        "  statement       opening {}  top-ups {}  held {}  settled {}  released {}  closing {} (+{} held)",
+        statement["opening"]["available"],
+        statement["top_ups"],
+        statement["held"],
+        statement["settled"],
+        statement["released"],
+        statement["closing"]["available"],
+        statement["closing"]["held"]
     ));
     if let Some(failed) = items["data"].as_array() {
         for i in failed.iter().filter(|i| i["status"] == "failed") {
