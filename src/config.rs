@@ -25,14 +25,20 @@ listen = "127.0.0.1:8080"
 data_dir = "./data"
 
 [durability]
-mode = "sync"          # sync | interval | none (none: benchmarks only)
+# sync: acknowledge after fdatasync (group commit); interval: fdatasync every
+# interval_ms (a crash loses up to that much acknowledged work); none: benchmarks only.
+mode = "sync"
 interval_ms = 5
 
 [snapshots]
+# A snapshot after this many events or this many seconds (whichever first, if anything
+# happened); older log segments are then deleted. Snapshot files kept on disk.
 every_events = 1000000
 every_s = 300
 kept = 2
 
+# The default provider: deterministic fake videos (a GIF of the prompt); prompts with
+# [reject] fail permanently, [flaky] fail twice then succeed, [slow] take 10× longer.
 [provider.simulated]
 latency_ms = [200, 800]
 transient_failure_rate = 0.05
@@ -40,6 +46,7 @@ permanent_failure_rate = 0.02
 seed = 0
 concurrency_max = 1000
 
+# Real providers: the API token is read from the environment variable named here.
 [provider.replicate]
 enabled = false
 base_url = "https://api.replicate.com"
@@ -53,13 +60,18 @@ token_env = "FAL_KEY"
 concurrency_max = 50
 
 [batches]
+# Provider attempts per item (transient failures are retried with backoff).
 attempts_max = 3
 attempt_timeout_s = 900
+# A batch's `expires_in` when not given, and its largest value.
 expires_in_s_default = 86400
 expires_in_s_max = 2592000
-store_url = ""          # "" = <data_dir>/videos; file://, memory://, s3:// (feature) …
+# Where videos go: "" = <data_dir>/videos; file://, memory://, s3:// (feature) …
+store_url = ""
 
 [webhooks]
+# SSRF guard: refuse loopback/private/link-local targets and plain http (keep both false
+# in production).
 allow_private_targets = false
 allow_http = false
 # Delay before each automatic attempt (fractions allowed); its length is the attempt count.
@@ -77,19 +89,27 @@ deliveries_kept_per_tenant = 1000
 pending_per_endpoint_max = 100000
 
 [limits]
+# Largest request body (413 beyond).
 body_bytes_max = 1048576
+# Page size of list routes when `limit` is not given, and its largest value.
 list_limit_default = 50
 list_limit_max = 500
+# How long an Idempotency-Key's stored response is replayed, and keys kept at once.
 idempotency_retention_s = 86400
 idempotency_keys_max = 1000000
+# API keys tracked by the rate limiter at once (idle ones are evicted).
 rate_limiter_keys_max = 100000
+# Messages queued per actor before senders wait (backpressure).
 mailbox_capacity = 1024
 # Access-log entries kept in memory and snapshots (the oldest beyond are dropped).
 access_log_max = 200000
 
 [log]
 format = "text"        # text | json
-level = "info"
+level = "info"         # a tracing filter: error | warn | info | debug | "reelbatch=debug"
+
+# Plans (SPEC §1): requests per second and burst per key (GCRA), items per batch and per
+# day per tenant, items running at once per tenant, and what the plan may use.
 
 [plans.starter]
 rate_per_s = 5
