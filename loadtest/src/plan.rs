@@ -326,8 +326,10 @@ fn write_report(
     };
     let _ = writeln!(
         md,
-        "- Memory per video kept in memory (batch item, ledger entries, video index; grown \
-         over the sweep): {} bytes.",
+        "- Resident memory grown per video created over the sweep: {} bytes (an upper \
+         bound: it also carries what the sweep's other requests kept, such as stored \
+         idempotent responses and access-log entries, besides each video's item, ledger \
+         entries and index).",
         per_video.map_or("?".into(), |m| format!("{m:.0}"))
     );
     let vpr = r.mix.videos_per_request();
