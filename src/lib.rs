@@ -35,6 +35,17 @@ pub mod webhooks;
 
 use std::path::{Path, PathBuf};
 
+/// Lower-case hex of bytes (hashes in exports, ids and fingerprints in the CLI).
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
 /// Cuts `s` to at most `bytes_max` bytes on a character boundary (bounded stored text).
 pub fn truncate_utf8(s: &mut String, bytes_max: usize) {
     if s.len() > bytes_max {

@@ -39,36 +39,7 @@ enum Command {
     /// request id kept in FILE.reelbatch.json (a re-run never creates a second batch),
     /// and with --wait follow it to a summary. Exit 0 completed (or accepted without
     /// --wait), 1 finished otherwise, 2 refused or declined, 3 unreachable (re-run).
-    Submit {
-        /// The batch: the body of POST /v1/batches (template, variables, params, …).
-        file: PathBuf,
-        /// The server.
-        #[arg(long, env = "REELBATCH_URL", default_value = "http://127.0.0.1:8080")]
-        url: String,
-        /// The API key.
-        #[arg(
-            long,
-            env = "REELBATCH_API_KEY",
-            hide_env_values = true,
-            default_value = ""
-        )]
-        key: String,
-        /// Follow the batch with a progress bar until it finishes.
-        #[arg(long)]
-        wait: bool,
-        /// Submit without asking.
-        #[arg(long, short)]
-        yes: bool,
-        /// Forget an earlier run of this file: submit a new batch.
-        #[arg(long)]
-        new: bool,
-        /// Longest wait with --wait, in seconds.
-        #[arg(long, default_value_t = 86_400)]
-        timeout_s: u64,
-        /// How often to poll the batch with --wait, in milliseconds.
-        #[arg(long, default_value_t = 500)]
-        poll_ms: u64,
-    },
+    Submit(reelbatch::cli::submit::Args),
     /// Offline tools for the write-ahead log of a stopped server.
     Wal {
         #[command(subcommand)]
@@ -146,25 +117,7 @@ fn main() -> ExitCode {
             }
             reelbatch::cli::demo::run(keep)
         }
-        Command::Submit {
-            file,
-            url,
-            key,
-            wait,
-            yes,
-            new,
-            timeout_s,
-            poll_ms,
-        } => reelbatch::cli::submit::run(reelbatch::cli::submit::Args {
-            file,
-            url,
-            key,
-            wait,
-            yes,
-            new,
-            timeout_s,
-            poll_ms,
-        }),
+        Command::Submit(args) => reelbatch::cli::submit::run(args),
         Command::Wal { command } => match command {
             WalCommand::Verify { data_dir } => {
                 let (mut out, mut err) = lock();

@@ -21,15 +21,6 @@ fn reelbatch(args: &[&str]) -> Output {
         .expect("reelbatch runs")
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 /// Every file under `dir` with its bytes.
 fn tree(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     let mut out = BTreeMap::new();
@@ -111,7 +102,7 @@ fn offline_tools_agree_with_the_server_and_catch_damage() {
 
     let before = tree(&data);
     let r = reelbatch(&["reconcile", "--data-dir", &d]);
-    assert_eq!(r.status.code(), Some(0), "{}", text(&r));
+    assert_eq!(r.status.code(), Some(0), "{}", support::output_text(&r));
     let out = String::from_utf8_lossy(&r.stdout);
     assert!(out.contains("snapshot at LSN"), "{out}");
     assert!(out.contains("checked: 1 tenants, 1 batches"), "{out}");
@@ -119,7 +110,7 @@ fn offline_tools_agree_with_the_server_and_catch_damage() {
 
     // --json is the admin endpoint's document, alone on stdout.
     let r = reelbatch(&["reconcile", "--data-dir", &d, "--json"]);
-    assert_eq!(r.status.code(), Some(0), "{}", text(&r));
+    assert_eq!(r.status.code(), Some(0), "{}", support::output_text(&r));
     let v: Value = serde_json::from_slice(&r.stdout).expect("json");
     assert_eq!(
         v,
@@ -127,12 +118,12 @@ fn offline_tools_agree_with_the_server_and_catch_damage() {
     );
 
     let r = reelbatch(&["ledger", "verify", "--data-dir", &d]);
-    assert_eq!(r.status.code(), Some(0), "{}", text(&r));
+    assert_eq!(r.status.code(), Some(0), "{}", support::output_text(&r));
     assert!(String::from_utf8_lossy(&r.stdout).contains("0 broken chain(s)"));
 
     // The export: every entry chained to the one before, the chain line last.
     let r = reelbatch(&["ledger", "export", "--data-dir", &d, "--tenant", &tenant]);
-    assert_eq!(r.status.code(), Some(0), "{}", text(&r));
+    assert_eq!(r.status.code(), Some(0), "{}", support::output_text(&r));
     let lines: Vec<Value> = String::from_utf8_lossy(&r.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
@@ -213,14 +204,14 @@ fn offline_tools_agree_with_the_server_and_catch_damage() {
     }
     let before = tree(&data);
     let r = reelbatch(&["reconcile", "--data-dir", &d]);
-    assert_eq!(r.status.code(), Some(0), "{}", text(&r));
+    assert_eq!(r.status.code(), Some(0), "{}", support::output_text(&r));
     let out = String::from_utf8_lossy(&r.stdout);
     assert!(out.contains("torn tail"), "{out}");
     assert!(out.contains("checked: 1 tenants, 2 batches"), "{out}");
     assert!(!out.contains(" 0 records replayed"), "{out}");
     assert_eq!(tree(&data), before, "the torn tail is the server's to cut");
     let r = reelbatch(&["ledger", "verify", "--data-dir", &d]);
-    assert_eq!(r.status.code(), Some(0), "{}", text(&r));
+    assert_eq!(r.status.code(), Some(0), "{}", support::output_text(&r));
 
     // A ledger entry altered inside a snapshot whose checksum is recomputed: the envelope
     // is valid, the money is not.
@@ -253,18 +244,18 @@ fn offline_tools_agree_with_the_server_and_catch_damage() {
     .unwrap();
     let td = t.to_str().unwrap();
     let r = reelbatch(&["reconcile", "--data-dir", td]);
-    assert_eq!(r.status.code(), Some(2), "{}", text(&r));
+    assert_eq!(r.status.code(), Some(2), "{}", support::output_text(&r));
     let out = String::from_utf8_lossy(&r.stdout);
     assert!(out.contains(&format!("{tenant} ledger_chain")), "{out}");
     assert!(!out.contains("discrepancies: 0"), "{out}");
     let r = reelbatch(&["ledger", "verify", "--data-dir", td]);
-    assert_eq!(r.status.code(), Some(2), "{}", text(&r));
+    assert_eq!(r.status.code(), Some(2), "{}", support::output_text(&r));
     let out = String::from_utf8_lossy(&r.stdout);
     assert!(out.contains(&format!("{tenant} BROKEN")), "{out}");
     assert!(out.contains(&seq.to_string()), "{out}");
     assert!(out.contains("1 broken chain(s)"), "{out}");
     let r = reelbatch(&["ledger", "export", "--data-dir", td, "--tenant", &tenant]);
-    assert_eq!(r.status.code(), Some(2), "{}", text(&r));
+    assert_eq!(r.status.code(), Some(2), "{}", support::output_text(&r));
     let last: Value =
         serde_json::from_str(String::from_utf8_lossy(&r.stdout).lines().last().unwrap()).unwrap();
     assert_eq!(last["verified"], false);
@@ -285,11 +276,11 @@ fn offline_tools_agree_with_the_server_and_catch_damage() {
     std::fs::write(&seg, bytes).unwrap();
     let fd = f.to_str().unwrap();
     let r = reelbatch(&["reconcile", "--data-dir", fd]);
-    assert_eq!(r.status.code(), Some(2), "{}", text(&r));
+    assert_eq!(r.status.code(), Some(2), "{}", support::output_text(&r));
     assert!(
         String::from_utf8_lossy(&r.stdout).contains("CORRUPTION"),
         "{}",
-        text(&r)
+        support::output_text(&r)
     );
     assert_eq!(
         reelbatch(&["ledger", "verify", "--data-dir", fd])
@@ -300,5 +291,5 @@ fn offline_tools_agree_with_the_server_and_catch_damage() {
 
     // No data directory at all: unreadable, exit 1.
     let r = reelbatch(&["reconcile", "--data-dir", "/nonexistent/reelbatch"]);
-    assert_eq!(r.status.code(), Some(1), "{}", text(&r));
+    assert_eq!(r.status.code(), Some(1), "{}", support::output_text(&r));
 }

@@ -76,32 +76,14 @@ async fn proxy(target: String, swallow: Arc<AtomicBool>) -> String {
 }
 
 fn submit(args: &[&str], stdin: &str, env: &[(&str, &str)]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_reelbatch"))
-        .arg("submit")
-        .args(args)
-        .env_remove("REELBATCH_URL")
-        .env_remove("REELBATCH_API_KEY")
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("reelbatch submit runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+    support::run_with_stdin(
+        Command::new(env!("CARGO_BIN_EXE_reelbatch"))
+            .arg("submit")
+            .args(args)
+            .env_remove("REELBATCH_URL")
+            .env_remove("REELBATCH_API_KEY")
+            .envs(env.iter().copied()),
+        stdin,
     )
 }
 
@@ -191,7 +173,7 @@ fn an_interrupted_submit_resumes_the_same_batch() {
         "",
         &[],
     );
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", support::output_text(&out));
     let second = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         second.contains(&format!("resuming request {request_id}")),
@@ -211,7 +193,7 @@ fn an_interrupted_submit_resumes_the_same_batch() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("progress "),
         "{}",
-        text(&out)
+        support::output_text(&out)
     );
     assert_eq!(batches(&rt, &s, &key).len(), 1, "no second batch");
     let t: Value = serde_json::from_slice(&std::fs::read(&ticket).unwrap()).unwrap();
@@ -223,7 +205,7 @@ fn an_interrupted_submit_resumes_the_same_batch() {
         "",
         &[("REELBATCH_URL", &url), ("REELBATCH_API_KEY", &key)],
     );
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", support::output_text(&out));
     let third = String::from_utf8_lossy(&out.stdout);
     assert!(!third.contains("quote:"), "nothing re-quoted: {third}");
     assert!(third.contains(&format!("batch {id}: partial")), "{third}");
@@ -235,7 +217,7 @@ fn an_interrupted_submit_resumes_the_same_batch() {
         "",
         &[],
     );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", support::output_text(&out));
     assert_eq!(batches(&rt, &s, &key).len(), 2);
 
     // An edited file is a new request (no resume); declined at the prompt: nothing sent,
@@ -247,7 +229,7 @@ fn an_interrupted_submit_resumes_the_same_batch() {
     );
     let before = std::fs::read(&ticket).unwrap();
     let out = submit(&[&edited, "--url", &url, "--key", &key], "n\n", &[]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", support::output_text(&out));
     let o = String::from_utf8_lossy(&out.stdout);
     assert!(!o.contains("resuming"), "{o}");
     assert!(o.contains("nothing submitted"), "{o}");
@@ -265,7 +247,7 @@ fn an_interrupted_submit_resumes_the_same_batch() {
         "",
         &[],
     );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", support::output_text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains(": completed"));
 }
 
@@ -279,11 +261,11 @@ fn refusals_exit_2_and_create_nothing() {
 
     // 6 × 40 credits against 100: the server refuses the hold (402).
     let out = submit(&[&file, "--yes", "--url", &s.base, "--key", &poor], "", &[]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", support::output_text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("insufficient_credits"),
         "{}",
-        text(&out)
+        support::output_text(&out)
     );
     assert!(batches(&rt, &s, &poor).is_empty());
 
@@ -293,23 +275,23 @@ fn refusals_exit_2_and_create_nothing() {
         "",
         &[],
     );
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", support::output_text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
     let yaml = write(dir.path(), "b.yaml", "template: x");
     let out = submit(&[&yaml, "--yes", "--url", &s.base, "--key", &poor], "", &[]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", support::output_text(&out));
     let bad = write(dir.path(), "bad.toml", "template = ");
     let out = submit(&[&bad, "--yes", "--url", &s.base, "--key", &poor], "", &[]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", support::output_text(&out));
     let missing = dir.path().join("missing.toml");
     let out = submit(
         &[missing.to_str().unwrap(), "--url", &s.base, "--key", &poor],
         "",
         &[],
     );
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", support::output_text(&out));
     let out = submit(&[&file, "--yes", "--url", &s.base], "", &[]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", support::output_text(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("REELBATCH_API_KEY"));
     // A template the server refuses (unknown variable): 422, exit 2.
     let unknown = write(
@@ -322,6 +304,6 @@ fn refusals_exit_2_and_create_nothing() {
         "",
         &[],
     );
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", support::output_text(&out));
     assert!(batches(&rt, &s, &poor).is_empty());
 }

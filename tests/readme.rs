@@ -4,7 +4,9 @@
 //! missing), the batch file with `submit --wait`, the offline money tools after a
 //! graceful stop; and the configuration reference is the embedded defaults, verbatim.
 
-use std::io::{BufRead, BufReader, Write};
+mod support;
+
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -41,31 +43,13 @@ fn localise(text: &str, data: &Path, port: u16) -> String {
 }
 
 fn bash(script: &str, cwd: &Path, stdin: &str) -> Output {
-    let mut child = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", script])
-        .current_dir(cwd)
-        .env_remove("REELBATCH_URL")
-        .env_remove("REELBATCH_API_KEY")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("bash runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+    support::run_with_stdin(
+        Command::new("bash")
+            .args(["-euo", "pipefail", "-c", script])
+            .current_dir(cwd)
+            .env_remove("REELBATCH_URL")
+            .env_remove("REELBATCH_API_KEY"),
+        stdin,
     )
 }
 
@@ -115,7 +99,7 @@ fn the_readme_commands_run_as_written() {
         work,
         "",
     );
-    assert!(out.status.success(), "{}", text(&out));
+    assert!(out.status.success(), "{}", support::output_text(&out));
     let o = String::from_utf8_lossy(&out.stdout).into_owned();
     for needle in [
         "\"items\":4",
@@ -125,7 +109,11 @@ fn the_readme_commands_run_as_written() {
         "\"expires_at\"",
         "\"kind\":\"download\"",
     ] {
-        assert!(o.contains(needle), "missing {needle:?}\n{}", text(&out));
+        assert!(
+            o.contains(needle),
+            "missing {needle:?}\n{}",
+            support::output_text(&out)
+        );
     }
     let ids = o.lines().last().unwrap();
     let get = |k: &str| {
@@ -157,9 +145,13 @@ fn the_readme_commands_run_as_written() {
     .replace("$K", &key);
     let out = bash(&submit, work, "y\n");
     let o = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(o.contains("quote: 6 videos"), "{}", text(&out));
-    assert!(o.contains(": partial"), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", support::output_text(&out));
+    assert!(
+        o.contains("quote: 6 videos"),
+        "{}",
+        support::output_text(&out)
+    );
+    assert!(o.contains(": partial"), "{}", support::output_text(&out));
     assert!(work.join("pilot.toml.reelbatch.json").exists());
 
     // A graceful stop, then the offline block line by line.
@@ -175,7 +167,11 @@ fn the_readme_commands_run_as_written() {
     .replace("ten_…", &tenant);
     for line in offline.lines().filter(|l| !l.trim().is_empty()) {
         let out = bash(line, work, "");
-        assert!(out.status.success(), "{line}\n{}", text(&out));
+        assert!(
+            out.status.success(),
+            "{line}\n{}",
+            support::output_text(&out)
+        );
     }
     let out = bash(offline.lines().nth(1).unwrap(), work, "");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

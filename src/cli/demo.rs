@@ -131,7 +131,7 @@ async fn demo(keep: bool) -> Result<bool, String> {
     let dir = std::env::temp_dir().join(format!("reelbatch-demo-{}-{now_ms}", std::process::id()));
     let mut token = [0u8; 16];
     getrandom::fill(&mut token).map_err(|e| e.to_string())?;
-    let admin: String = token.iter().map(|b| format!("{b:02x}")).collect();
+    let admin = crate::hex(&token);
     let port = free_port()?;
     let listen = format!("127.0.0.1:{port}");
     cfg.admin_token = admin.clone();

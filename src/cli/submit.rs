@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 
 use crate::cli::client::{CallError, Client};
 use crate::cli::progress::{BatchProgress, Counts};
+use crate::hex;
 
 /// The batch completed, or (without `--wait`) was accepted.
 pub const EXIT_COMPLETED: u8 = 0;
@@ -51,24 +52,36 @@ const ITEMS_SCANNED_MAX: usize = 2_000;
 /// Version of the ticket file.
 const TICKET_VERSION: u32 = 1;
 
-/// What the command line asked for.
-#[derive(Debug, Clone)]
+/// What the command line asked for (`reelbatch submit …`).
+#[derive(Debug, Clone, clap::Args)]
 pub struct Args {
-    /// The batch file (`.toml` or `.json`).
+    /// The batch: the body of POST /v1/batches (template, variables, params, …).
     pub file: PathBuf,
-    /// The server (`http://host:port`).
+    /// The server.
+    #[arg(long, env = "REELBATCH_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
     /// The API key.
+    #[arg(
+        long,
+        env = "REELBATCH_API_KEY",
+        hide_env_values = true,
+        default_value = ""
+    )]
     pub key: String,
-    /// Follow the batch to the end.
+    /// Follow the batch with a progress bar until it finishes.
+    #[arg(long)]
     pub wait: bool,
-    /// Do not ask before submitting.
+    /// Submit without asking.
+    #[arg(long, short)]
     pub yes: bool,
-    /// Ignore a ticket from an earlier run: submit again.
+    /// Forget an earlier run of this file: submit a new batch.
+    #[arg(long)]
     pub new: bool,
-    /// Longest wait, in seconds.
+    /// Longest wait with --wait, in seconds.
+    #[arg(long, default_value_t = 86_400)]
     pub timeout_s: u64,
-    /// Poll interval, in milliseconds.
+    /// How often to poll the batch with --wait, in milliseconds.
+    #[arg(long, default_value_t = 500)]
     pub poll_ms: u64,
 }
 
@@ -93,14 +106,6 @@ fn ticket_path(file: &Path) -> PathBuf {
     let mut name = file.file_name().unwrap_or_default().to_os_string();
     name.push(".reelbatch.json");
     file.with_file_name(name)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 fn read_ticket(path: &Path) -> Option<Ticket> {

@@ -379,16 +379,7 @@ impl Wal {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let first = segments.first().map_or(end + 1, |s| s.0);
-        let from = from_lsn.max(1);
-        if from < first && end >= first {
-            return Err(Error::LsnUnavailable {
-                requested: from,
-                first,
-            });
-        }
-        let start = segments.iter().rposition(|(f, _)| *f <= from).unwrap_or(0);
-        Ok(Replay::new(segments[start..].to_vec(), from, end))
+        Replay::over(&segments, from_lsn, end)
     }
 
     /// Deletes every segment whose frames all have LSN ≤ `lsn` (covered by a snapshot at

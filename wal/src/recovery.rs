@@ -165,16 +165,7 @@ pub fn read_only(dir: &Path, from_lsn: u64) -> Result<(Scan, Replay)> {
         .iter()
         .map(|s| (s.first_lsn, s.path.clone()))
         .collect();
-    let first = segments.first().map_or(end + 1, |s| s.0);
-    let from = from_lsn.max(1);
-    if from < first && end >= first {
-        return Err(Error::LsnUnavailable {
-            requested: from,
-            first,
-        });
-    }
-    let start = segments.iter().rposition(|(f, _)| *f <= from).unwrap_or(0);
-    let replay = Replay::new(segments[start..].to_vec(), from, end);
+    let replay = Replay::over(&segments, from_lsn, end)?;
     Ok((scan, replay))
 }
 
@@ -371,6 +362,21 @@ impl Replay {
             end,
             buf: AlignedBuf::new(),
         }
+    }
+
+    /// A replay of `segments` (oldest first) from `from_lsn` to `end`; `from_lsn` below
+    /// the first segment is `Error::LsnUnavailable` (compaction deleted those frames).
+    pub(crate) fn over(segments: &[(u64, PathBuf)], from_lsn: u64, end: u64) -> Result<Replay> {
+        let first = segments.first().map_or(end + 1, |s| s.0);
+        let from = from_lsn.max(1);
+        if from < first && end >= first {
+            return Err(Error::LsnUnavailable {
+                requested: from,
+                first,
+            });
+        }
+        let start = segments.iter().rposition(|(f, _)| *f <= from).unwrap_or(0);
+        Ok(Replay::new(segments[start..].to_vec(), from, end))
     }
 
     /// Last LSN this replay will return (0 when the log is empty).

@@ -184,10 +184,4 @@ pub fn verify_chain(tenant: TenantId, entries: &[LedgerEntry]) -> Result<(), Cha
 }
 
 /// Lower-case hex of a hash (for exports).
-pub fn hex(hash: &[u8; 32]) -> String {
-    use std::fmt::Write;
-    hash.iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
+pub use crate::hex;
