@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod campaign;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -64,7 +66,7 @@ pub struct Server {
 }
 
 /// Environment every test server starts with: fast, deterministic simulated provider.
-fn base_env() -> Vec<(String, String)> {
+pub fn base_env() -> Vec<(String, String)> {
     [
         ("REELBATCH_ADMIN_TOKEN", ADMIN),
         ("REELBATCH_PROVIDER__SIMULATED__LATENCY_MS", "[5, 20]"),

@@ -260,20 +260,27 @@ impl BatchActor {
     }
 
     /// Runs `then` on the actor once `durable` is acknowledged (a failed sync poisons the
-    /// log: `then` is not run, and a restart recovers from what the log has).
+    /// log: `then` is not run, and a restart recovers from what the log has). On failure
+    /// the creation's waiters are answered `Unavailable` at once: their request's outcome
+    /// is unknown (a repeat after the restart finds out), and leaving them waiting would
+    /// hold the caller's connection until its own timeout.
     fn spawn_after(
         &mut self,
         durable: wal::Durable,
         ctx: &mut Context<Self>,
         then: impl FnOnce(&mut Self, &mut Context<Self>) + 'static,
     ) {
-        ctx.spawn(durable.into_actor(self).map(move |res, act, ctx| {
-            if res.is_ok() {
-                then(act, ctx);
-            } else {
-                act.broken = true;
-            }
-        }));
+        ctx.spawn(
+            durable
+                .into_actor(self)
+                .map(move |res, act, ctx| match res {
+                    Ok(_) => then(act, ctx),
+                    Err(e) => {
+                        act.broken = true;
+                        act.fail_waiters(BatchError::Unavailable(e.to_string()));
+                    }
+                }),
+        );
     }
 
     // ---- running ---------------------------------------------------------------------
@@ -787,6 +794,12 @@ impl Handler<AwaitAccepted> for BatchActor {
     fn handle(&mut self, _: AwaitAccepted, _: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = tokio::sync::oneshot::channel();
         match self.state.phase {
+            // The log failed under this actor: whether its events are durable is unknown.
+            _ if self.broken => {
+                let _ = tx.send(Err(BatchError::Unavailable(
+                    "the log refused a write".into(),
+                )));
+            }
             Phase::Holding => self.accept_waiters.push(tx),
             _ => {
                 let _ = tx.send(Ok(()));
