@@ -299,6 +299,27 @@ fn bad_input_gets_problems_never_5xx() {
                 .bearer_auth(&key)
                 .body(body)
         };
+        // Path ids that are not UTF-8 (found by the `http_bodies` fuzz target: axum's own
+        // extractor answered a plain-text 400): an id that cannot exist is a 404 problem.
+        for path in ["/v/%A6", "/v1/batches/%FF%FE", "/v1/videos/%C3/content"] {
+            let token = if path.starts_with("/v/") {
+                ""
+            } else {
+                key.as_str()
+            };
+            api.call(
+                "GET",
+                path,
+                Some(token).filter(|t| !t.is_empty()),
+                None,
+                None,
+            )
+            .await
+            .assert_problem(404, "not_found");
+        }
+        api.admin("GET", "/admin/v1/tenants/%80", None, None)
+            .await
+            .assert_problem(404, "not_found");
         api.send(raw("{\"template\": "))
             .await
             .assert_problem(400, "invalid_json");

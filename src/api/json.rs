@@ -53,6 +53,22 @@ impl<T: DeserializeOwned + Send> FromRequest<AppState> for JsonBody<T> {
     }
 }
 
+/// A path segment (an id). axum's own extractor answers a segment that is not UTF-8
+/// (`/v/%A6`) with a plain-text 400; an id that cannot be decoded cannot exist: 404
+/// problem+json, like any other unknown id.
+pub struct Path<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Path<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(Path(v)),
+            Err(_) => Err(Problem::not_found()),
+        }
+    }
+}
+
 /// Query parameters, refusing any not in the route's list.
 pub struct QueryMap(pub HashMap<String, String>);
 

@@ -1,14 +1,14 @@
 //! `/admin/v1…`: tenants, keys, top-ups, adjustments, reconciliation, audit, export.
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::api::gate::PendingAck;
-use crate::api::json::{json, next_cursor, page, parse_time_ms, path_id, JsonBody, QueryMap};
+use crate::api::json::{json, next_cursor, page, parse_time_ms, path_id, JsonBody, Path, QueryMap};
 use crate::api::problem::Problem;
 use crate::api::routes::views;
 use crate::api::AppState;

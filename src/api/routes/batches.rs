@@ -4,14 +4,14 @@ use std::collections::BTreeMap;
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use serde::Deserialize;
 
 use crate::api::gate::CreditsCommitted;
-use crate::api::json::{json, next_cursor, page, path_id, JsonBody, QueryMap};
+use crate::api::json::{json, next_cursor, page, path_id, JsonBody, Path, QueryMap};
 use crate::api::problem::Problem;
 use crate::api::routes::views;
 use crate::api::{AppState, Caller};

@@ -11,7 +11,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -19,7 +19,7 @@ use axum::Extension;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::api::json::{json, next_cursor, page, path_id, rfc3339, JsonBody, QueryMap};
+use crate::api::json::{json, next_cursor, page, path_id, rfc3339, JsonBody, Path, QueryMap};
 use crate::api::problem::Problem;
 use crate::api::{AppState, Caller};
 use crate::config::Plan;

@@ -3,14 +3,14 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use axum::Extension;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::api::json::{json, next_cursor, page, path_id, rfc3339, JsonBody, QueryMap};
+use crate::api::json::{json, next_cursor, page, path_id, rfc3339, JsonBody, Path, QueryMap};
 use crate::api::problem::Problem;
 use crate::api::{AppState, Caller};
 use crate::ids::{DeliveryId, EndpointId};
