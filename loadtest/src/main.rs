@@ -6,11 +6,13 @@
 //!   errors by status, with the server's CPU, memory and WAL bytes when it can see them.
 //! - `loadtest plan`: raises the rate step by step until the latency objective breaks and
 //!   writes a capacity-planning report (Markdown and PNG charts).
+//! - `loadtest soak`: one rate for a long time, measured in windows: resident memory and
+//!   p99 per window, the memory trend and the p99 spread.
 //!
 //! Map: `mix.rs` (ops and weights), `provision.rs` (tenants, keys, seed data),
 //! `open_loop.rs` (the schedule), `report.rs` (histograms, summaries), `target.rs` (the
 //! server: loopback check, spawning, /proc and /metrics), `plan.rs` (the sweep and report),
-//! `chart.rs` (PNG charts).
+//! `soak.rs` (windows and the trend), `chart.rs` (PNG charts).
 
 mod chart;
 mod mix;
@@ -18,6 +20,7 @@ mod open_loop;
 mod plan;
 mod provision;
 mod report;
+mod soak;
 mod target;
 
 use std::path::PathBuf;
@@ -65,6 +68,13 @@ enum Cmd {
         target: TargetArgs,
         #[command(flatten)]
         plan: plan::PlanArgs,
+    },
+    /// A long run at one rate, measured in windows (memory trend, p99 per window).
+    Soak {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(flatten)]
+        soak: soak::SoakArgs,
     },
 }
 
@@ -342,6 +352,10 @@ fn main() -> ExitCode {
             Cmd::Plan { target, plan } => {
                 let r = prepare(&target).await?;
                 plan::plan(r, plan).await
+            }
+            Cmd::Soak { target, soak } => {
+                let r = prepare(&target).await?;
+                soak::soak(r, soak).await
             }
         }
     });

@@ -1,4 +1,4 @@
-//! `loadtest run` and `loadtest plan` against a real `reelbatch serve` they start
+//! `loadtest run`, `plan` and `soak` against a real `reelbatch serve` they start
 //! themselves (`--serve`, the binary `cargo test --workspace` builds beside this one):
 //! provisioning works, every op of the default mix is answered without errors, the
 //! summary and its JSON agree, and the plan writes its report and charts.
@@ -116,4 +116,51 @@ fn a_plan_writes_its_report_and_charts() {
         // Only without any TrueType font on the machine; the report says so.
         assert!(md.contains("Charts not drawn"), "{md}");
     }
+}
+
+#[test]
+fn a_soak_reports_every_window_and_the_trend() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("soak.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(["soak", "--serve"])
+        .arg(reelbatch())
+        .args(FAST)
+        .args([
+            "--tenants",
+            "4",
+            "--rate",
+            "40",
+            "--duration-s",
+            "3",
+            "--window-s",
+            "1",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let windows = v["windows"].as_array().unwrap();
+    assert_eq!(windows.len(), 3, "{v:#}");
+    for w in windows {
+        assert!(w["answered"].as_u64().unwrap() > 0, "{w}");
+        assert_eq!(w["errors"], 0, "{w}");
+        assert!(w["rss_bytes"].as_u64().unwrap() > 0, "{w}");
+    }
+    assert_eq!(
+        v["answered"],
+        windows
+            .iter()
+            .map(|w| w["answered"].as_u64().unwrap())
+            .sum::<u64>()
+    );
+    assert!(v["rss_mib_per_hour"].is_number(), "{v:#}");
+    assert!(text.contains("trend"), "{text}");
 }
