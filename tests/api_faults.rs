@@ -7,39 +7,15 @@ mod support;
 use std::sync::Arc;
 
 use serde_json::json;
-use support::{Api, ADMIN};
 
 #[test]
 fn fsync_failure_makes_the_server_unready_and_refuse_writes() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let rt = support::rt();
-    let env = vec![("REELBATCH_ADMIN_TOKEN".to_string(), ADMIN.to_string())];
-    let cfg = reelbatch::config::Config::load_with_env(None, env.clone()).unwrap();
-    let mut ecfg = reelbatch::api::server::engine_config(&cfg, data.clone()).unwrap();
     let faults = Arc::new(wal::FaultInjector::new());
-    ecfg.faults = Some(Arc::clone(&faults));
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(async move {
-        reelbatch::api::server::serve_engine(
-            ecfg,
-            cfg,
-            "127.0.0.1:0",
-            async move {
-                let _ = stop_rx.await;
-            },
-            |r| {
-                let _ = addr_tx.send(r.addr);
-            },
-        )
-        .await
-    });
-    let addr = addr_rx.recv().unwrap();
-    let api = Api {
-        http: reqwest::Client::new(),
-        base: format!("http://{addr}"),
-    };
+    let server = support::InProcess::start(&rt, &data, &[], Arc::clone(&faults));
+    let api = server.api.clone();
     let (t, key) = rt.block_on(async {
         let (t, key) = api.funded("pro", 1_000).await;
         assert_eq!(
@@ -69,9 +45,8 @@ fn fsync_failure_makes_the_server_unready_and_refuse_writes() {
         assert!(m.text.contains("reelbatch_wal_poisoned 1"));
         (t, key)
     });
-    let _ = stop_tx.send(());
     // Shutting down a poisoned engine reports the log's failure; that is expected here.
-    let _ = rt.block_on(server);
+    let _ = server.stop(&rt);
     drop(rt);
 
     // A restart (without faults) has exactly the acknowledged writes.

@@ -27,7 +27,7 @@ use support::campaign::{
     all_pages, check, client, env_u64, next, provision, seed, Acked, Deadline, Tally, SERVER_ENV,
     WORKERS,
 };
-use support::{Api, Server};
+use support::{Api, InProcess, Server};
 use wal::{FaultInjector, WriteFault};
 
 /// The failures a round injects, in turn.
@@ -44,20 +44,6 @@ enum Fault {
     Sync,
     /// A write fails as given (EIO, torn then EIO, torn then ENOSPC).
     Write(WriteFault),
-}
-
-/// Base environment plus the campaign's settings, as the server and the config loader take it.
-fn env() -> Vec<(String, String)> {
-    let mut e = support::base_env();
-    for (k, v) in SERVER_ENV {
-        e.retain(|(ek, _)| ek != k);
-        e.push((k.to_string(), v.to_string()));
-    }
-    e
-}
-
-fn env_refs(e: &[(String, String)]) -> Vec<(&str, &str)> {
-    e.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
 /// Starts clients, waits until `arm` has run and the server reports unready, lets the
@@ -171,7 +157,6 @@ fn write_and_sync_failures_under_load_never_acknowledge_a_lost_write() {
     println!("fault campaign: {rounds} rounds, FAULT_SEED={seed}");
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let env = env();
     let rt = support::rt();
     let mut tenants: Option<Arc<Vec<(String, String)>>> = None;
     let acked = Arc::new(Mutex::new(Acked::default()));
@@ -179,33 +164,9 @@ fn write_and_sync_failures_under_load_never_acknowledge_a_lost_write() {
     for round in 0..rounds {
         let fault = FAULTS[(round % FAULTS.len() as u64) as usize];
         // The faulted server runs in this process, so the test holds the log's fault points.
-        let cfg = reelbatch::config::Config::load_with_env(None, env.clone()).unwrap();
-        let mut ecfg = reelbatch::api::server::engine_config(&cfg, data.clone()).unwrap();
         let faults = Arc::new(FaultInjector::new());
-        ecfg.faults = Some(Arc::clone(&faults));
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = rt.spawn(reelbatch::api::server::serve_engine(
-            ecfg,
-            cfg,
-            "127.0.0.1:0",
-            async move {
-                let _ = stop_rx.await;
-            },
-            move |r| {
-                let _ = addr_tx.send(r.addr);
-            },
-        ));
-        let addr = addr_rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the in-process server starts");
-        let api = Api {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap(),
-            base: format!("http://{addr}"),
-        };
+        let server = InProcess::start(&rt, &data, SERVER_ENV, Arc::clone(&faults));
+        let api = server.api.clone();
         let tenants = match &tenants {
             Some(t) => Arc::clone(t),
             None => {
@@ -233,20 +194,18 @@ fn write_and_sync_failures_under_load_never_acknowledge_a_lost_write() {
             let shown = assert_refusing(&api, &tenants, round).await;
             (tally, shown)
         });
-        let _ = stop_tx.send(());
         // Stopping a poisoned engine reports the log's failure; it must still stop.
-        let stopped = rt
-            .block_on(async { tokio::time::timeout(Duration::from_secs(30), server).await })
-            .expect("a poisoned server stops within 30 s")
-            .expect("server task");
-        assert!(stopped.is_err(), "the shutdown reports the poisoned log");
+        assert!(
+            server.stop(&rt).is_err(),
+            "the shutdown reports the poisoned log"
+        );
         total = total.add(tally);
         // The server stayed up: every request got an answer. (A batch creation whose
         // acceptance event failed to sync once waited forever: found by this campaign.)
         assert_eq!(tally.unanswered, 0, "round {round}: requests left hanging");
 
         // The real binary on the same directory, no faults: the checks of the crash campaign.
-        let mut s = Server::new_in(&data, &env_refs(&env), &[]);
+        let mut s = Server::new_in(&data, SERVER_ENV, &[]);
         s.spawn().expect("the server restarts after the failure");
         let a = acked.lock().unwrap();
         rt.block_on(async {
@@ -335,8 +294,7 @@ fn a_full_disk_turns_the_server_unready_and_loses_no_acknowledged_write() {
         println!("skipped: mounting a tmpfs needs root (the injected ENOSPC rounds still run)");
         return;
     };
-    let env = env();
-    let mut s = Server::new_in(&data, &env_refs(&env), &[]);
+    let mut s = Server::new_in(&data, SERVER_ENV, &[]);
     s.spawn().expect("the server starts on the small disk");
     let rt = support::rt();
     let api = s.api();

@@ -1,7 +1,8 @@
 //! Test support: the real `reelbatch serve` binary on a loopback port, driven over HTTP.
 //!
 //! Each `Server` owns a data directory and a child process; `kill9` and `restart` give
-//! real crashes (SIGKILL, then a new process on the same directory).
+//! real crashes (SIGKILL, then a new process on the same directory). `InProcess` runs the
+//! same server inside the test process, for tests that must hold the log's fault points.
 
 #![allow(dead_code)]
 
@@ -65,8 +66,18 @@ pub struct Server {
     _tmp: Option<tempfile::TempDir>,
 }
 
+/// `base_env` with `extra` on top (a key in `extra` replaces the base's).
+pub fn env_with(extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut e = base_env();
+    for (k, v) in extra {
+        e.retain(|(ek, _)| ek != k);
+        e.push((k.to_string(), v.to_string()));
+    }
+    e
+}
+
 /// Environment every test server starts with: fast, deterministic simulated provider.
-pub fn base_env() -> Vec<(String, String)> {
+fn base_env() -> Vec<(String, String)> {
     [
         ("REELBATCH_ADMIN_TOKEN", ADMIN),
         ("REELBATCH_PROVIDER__SIMULATED__LATENCY_MS", "[5, 20]"),
@@ -92,16 +103,11 @@ impl Server {
 
     /// A server description on `dir` (not started).
     pub fn new_in(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Server {
-        let mut e = base_env();
-        for (k, v) in env {
-            e.retain(|(ek, _)| ek != k);
-            e.push((k.to_string(), v.to_string()));
-        }
         Server {
             child: None,
             base: String::new(),
             dir: dir.to_path_buf(),
-            env: e,
+            env: env_with(env),
             args: args.iter().map(|s| s.to_string()).collect(),
             _tmp: None,
         }
@@ -179,19 +185,68 @@ impl Server {
     }
 
     pub fn api(&self) -> Api {
-        Api {
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()
-                .expect("client"),
-            base: self.base.clone(),
-        }
+        Api::new(&self.base)
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// The server inside the test process (`serve_engine` on the test's runtime), on a
+/// directory a `Server` can reopen after it stops.
+pub struct InProcess {
+    pub api: Api,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), reelbatch::api::server::ServeError>>,
+}
+
+impl InProcess {
+    /// Starts on `dir` with `env_with(env)`; the test keeps `faults` to arm them.
+    pub fn start(
+        rt: &tokio::runtime::Runtime,
+        dir: &Path,
+        env: &[(&str, &str)],
+        faults: std::sync::Arc<wal::FaultInjector>,
+    ) -> InProcess {
+        let cfg = reelbatch::config::Config::load_with_env(None, env_with(env)).expect("config");
+        let mut ecfg =
+            reelbatch::api::server::engine_config(&cfg, dir.to_path_buf()).expect("engine config");
+        ecfg.faults = Some(faults);
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = rt.spawn(reelbatch::api::server::serve_engine(
+            ecfg,
+            cfg,
+            "127.0.0.1:0",
+            async move {
+                let _ = stop_rx.await;
+            },
+            move |r| {
+                let _ = addr_tx.send(r.addr);
+            },
+        ));
+        let addr = addr_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the in-process server starts");
+        InProcess {
+            api: Api::new(&format!("http://{addr}")),
+            stop,
+            task,
+        }
+    }
+
+    /// Stops it (bounded: 30 s) and returns how the server ended.
+    pub fn stop(
+        self,
+        rt: &tokio::runtime::Runtime,
+    ) -> Result<(), reelbatch::api::server::ServeError> {
+        let _ = self.stop.send(());
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), self.task).await })
+            .expect("the in-process server stops within 30 s")
+            .expect("server task")
     }
 }
 
@@ -238,6 +293,17 @@ pub struct Api {
 }
 
 impl Api {
+    /// A client of the server at `base` (`http://127.0.0.1:PORT`).
+    pub fn new(base: &str) -> Api {
+        Api {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("client"),
+            base: base.to_owned(),
+        }
+    }
+
     /// Any request: method, path, bearer token, JSON body, idempotency key.
     pub async fn call(
         &self,
