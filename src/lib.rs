@@ -33,6 +33,10 @@ pub mod money;
 pub mod providers;
 pub mod webhooks;
 
+/// Threads of each tokio runtime's blocking pool (file reads and writes of the video store).
+/// Bounded so that a slow disk queues work instead of growing hundreds of threads.
+pub const BLOCKING_THREADS_MAX: usize = 64;
+
 use std::path::{Path, PathBuf};
 
 /// Lower-case hex of bytes (hashes in exports, ids and fingerprints in the CLI).

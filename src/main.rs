@@ -176,6 +176,9 @@ fn serve(data_dir: Option<PathBuf>, listen: Option<String>, config: Option<PathB
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("http")
+        // Downloads read files on the blocking pool; tokio's default of 512 threads turned a
+        // disk stall into hundreds of threads in the soak. Past this, reads queue.
+        .max_blocking_threads(reelbatch::BLOCKING_THREADS_MAX)
         .build()
     {
         Ok(rt) => rt,

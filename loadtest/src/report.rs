@@ -74,6 +74,12 @@ impl OpStats {
         self.latency_us.value_at_quantile(q) as f64 / 1000.0
     }
 
+    /// A service-time quantile in ms (from the actual send: what the server and the
+    /// network took, without the generator's own lateness).
+    pub fn service_ms(&self, q: f64) -> f64 {
+        self.service_us.value_at_quantile(q) as f64 / 1000.0
+    }
+
     fn percentiles(h: &Histogram<u64>) -> Value {
         let ms = |v: u64| (v as f64 / 1000.0 * 100.0).round() / 100.0;
         json!({

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::{measured, run_id, Ready};
+use crate::{measured, run_id, target, Ready};
 
 /// Longest soak: 4 hours.
 const DURATION_S_MAX: u64 = 4 * 3600;
@@ -44,12 +44,33 @@ struct Window {
     achieved: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Service time p99 (from the actual send): far below `p99_ms` means the requests
+    /// were sent late (the generator or the machine stalled), not served slowly.
+    svc_p99_ms: f64,
     p999_ms: f64,
     max_ms: f64,
     answered: u64,
     errors: u64,
     cpu_cores: Option<f64>,
     rss_bytes: Option<u64>,
+    /// The load generator's own CPU (it shares the machine: a saturated generator
+    /// would show as server latency).
+    gen_cores: f64,
+    /// Server threads at the window's end.
+    threads: Option<u64>,
+    /// Mean `fdatasync` of the window and the longest one since the start, ms.
+    fsync_ms_mean: Option<f64>,
+    fsync_ms_max: Option<f64>,
+}
+
+/// The WAL's sync figures from the metrics page: (calls, seconds, longest seconds).
+async fn fsync_figures(r: &Ready) -> Option<(f64, f64, f64)> {
+    let text = target::metrics_text(&r.http, &r.base).await?;
+    Some((
+        target::metric(&text, "reelbatch_wal_fsyncs_total")?,
+        target::metric(&text, "reelbatch_wal_fsync_seconds_total")?,
+        target::metric(&text, "reelbatch_wal_fsync_seconds_max")?,
+    ))
 }
 
 /// Least-squares slope of `ys` over `xs`.
@@ -84,12 +105,29 @@ pub(crate) async fn soak(r: Ready, a: SoakArgs) -> Result<(), String> {
         r.mix.describe()
     );
     println!(
-        "{:>8} {:>10} {:>8} {:>8} {:>9} {:>9} {:>7} {:>6} {:>9}",
-        "t_s", "achieved", "p50_ms", "p99_ms", "p99.9_ms", "max_ms", "errors", "cores", "rss_MiB"
+        "{:>8} {:>10} {:>8} {:>8} {:>8} {:>9} {:>9} {:>7} {:>6} {:>9} {:>9} {:>8} {:>9} {:>9}",
+        "t_s",
+        "achieved",
+        "p50_ms",
+        "p99_ms",
+        "svc_p99",
+        "p99.9_ms",
+        "max_ms",
+        "errors",
+        "cores",
+        "rss_MiB",
+        "gen_cores",
+        "threads",
+        "fsync_ms",
+        "fsync_max"
     );
+    let me = std::process::id();
     let started = std::time::Instant::now();
     let mut windows: Vec<Window> = Vec::with_capacity(windows_n as usize);
     for i in 0..windows_n {
+        let gen0 = target::cpu_seconds(me);
+        let sync0 = fsync_figures(&r).await;
+        let t0 = std::time::Instant::now();
         let (s, cost) = measured(
             &r,
             a.rate,
@@ -98,30 +136,54 @@ pub(crate) async fn soak(r: Ready, a: SoakArgs) -> Result<(), String> {
             &format!("{run}w{i}"),
         )
         .await;
+        let gen1 = target::cpu_seconds(me);
+        let sync1 = fsync_figures(&r).await;
+        let elapsed_s = t0.elapsed().as_secs_f64().max(1e-9);
+        let (fsync_ms_mean, fsync_ms_max) = match (sync0, sync1) {
+            (Some((n0, s0, _)), Some((n1, s1, max))) => (
+                (n1 > n0).then(|| (s1 - s0) / (n1 - n0) * 1000.0),
+                Some(max * 1000.0),
+            ),
+            _ => (None, None),
+        };
         let all = s.rec.overall();
         let w = Window {
             end_s: started.elapsed().as_secs_f64(),
             achieved: s.achieved_rate(),
             p50_ms: all.latency_ms(0.50),
             p99_ms: all.latency_ms(0.99),
+            svc_p99_ms: all.service_ms(0.99),
             p999_ms: all.latency_ms(0.999),
             max_ms: all.latency_ms(1.0),
             answered: all.count(),
             errors: all.errors(),
             cpu_cores: cost.cpu_cores,
             rss_bytes: cost.rss_bytes,
+            gen_cores: match (gen0, gen1) {
+                (Some(a), Some(b)) => (b - a) / elapsed_s,
+                _ => 0.0,
+            },
+            threads: r.pid.and_then(target::threads),
+            fsync_ms_mean,
+            fsync_ms_max,
         };
+        let opt = |v: Option<f64>, d: usize| v.map_or("-".into(), |v| format!("{v:.d$}"));
         println!(
-            "{:>8.0} {:>10.1} {:>8.2} {:>8.2} {:>9.2} {:>9.2} {:>7} {:>6} {:>9}",
+            "{:>8.0} {:>10.1} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>9.2} {:>7} {:>6} {:>9} {:>9.2} {:>8} {:>9} {:>9}",
             w.end_s,
             w.achieved,
             w.p50_ms,
             w.p99_ms,
+            w.svc_p99_ms,
             w.p999_ms,
             w.max_ms,
             w.errors,
             w.cpu_cores.map_or("-".into(), |c| format!("{c:.2}")),
             w.rss_bytes.map_or("-".into(), |b| format!("{:.1}", mib(b))),
+            w.gen_cores,
+            w.threads.map_or("-".into(), |t| t.to_string()),
+            opt(w.fsync_ms_mean, 2),
+            opt(w.fsync_ms_max, 1),
         );
         windows.push(w);
     }
@@ -161,9 +223,11 @@ pub(crate) async fn soak(r: Ready, a: SoakArgs) -> Result<(), String> {
             .map(|w| {
                 json!({
                     "end_s": w.end_s, "achieved": w.achieved, "p50_ms": w.p50_ms,
-                    "p99_ms": w.p99_ms, "p999_ms": w.p999_ms, "max_ms": w.max_ms,
+                    "p99_ms": w.p99_ms, "svc_p99_ms": w.svc_p99_ms, "p999_ms": w.p999_ms, "max_ms": w.max_ms,
                     "answered": w.answered, "errors": w.errors,
                     "cpu_cores": w.cpu_cores, "rss_bytes": w.rss_bytes,
+                    "gen_cores": w.gen_cores, "threads": w.threads,
+                    "fsync_ms_mean": w.fsync_ms_mean, "fsync_ms_max": w.fsync_ms_max,
                 })
             })
             .collect();

@@ -135,25 +135,48 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Bytes the server's WAL has written (from `/metrics`).
-pub async fn wal_bytes(http: &reqwest::Client, base: &str) -> Option<u64> {
-    let text = http
-        .get(format!("{base}/metrics"))
+/// Threads of the process (a thread pool growing under load shows here).
+pub fn threads(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("Threads:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The server's `/metrics` page (Prometheus text).
+pub async fn metrics_text(http: &reqwest::Client, base: &str) -> Option<String> {
+    http.get(format!("{base}/metrics"))
         .send()
         .await
         .ok()?
         .text()
         .await
-        .ok()?;
+        .ok()
+}
+
+/// One unlabelled sample of a metrics page.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
-        .find_map(|l| l.strip_prefix("reelbatch_wal_bytes_written_total "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|v| v as u64)
+}
+
+/// Bytes the server's WAL has written (from `/metrics`).
+pub async fn wal_bytes(http: &reqwest::Client, base: &str) -> Option<u64> {
+    let text = metrics_text(http, base).await?;
+    metric(&text, "reelbatch_wal_bytes_written_total").map(|v| v as u64)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metric_reads_one_unlabelled_sample() {
+        let page = "# HELP x\nreelbatch_wal_fsyncs_total 12\nreelbatch_wal_fsyncs_total_x 3\n";
+        assert_eq!(metric(page, "reelbatch_wal_fsyncs_total"), Some(12.0));
+        assert_eq!(metric(page, "reelbatch_wal_fsync"), None);
+        assert_eq!(threads(std::process::id()).map(|n| n >= 1), Some(true));
+    }
 
     #[test]
     fn only_loopback_targets() {

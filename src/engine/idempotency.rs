@@ -129,24 +129,28 @@ impl ResponseStore {
         self.slots.insert(k, Slot::Done(Arc::new(r)));
     }
 
-    /// Unexpired records (snapshots).
-    pub(crate) fn records(&self) -> Vec<StoredResponse> {
-        let mut v: Vec<StoredResponse> = self
-            .slots
-            .values()
-            .filter_map(|s| match s {
-                Slot::Done(r) => Some((**r).clone()),
-                Slot::InFlight { .. } => None,
-            })
-            .collect();
-        v.sort_by(|a, b| (a.at_ms, a.scope, &a.key).cmp(&(b.at_ms, b.scope, &b.key)));
-        v
-    }
-
     /// Remembered keys (metrics).
     pub(crate) fn len(&self) -> usize {
         self.slots.len()
     }
+
+    /// Unexpired records, shared (cheap under the engine's mutex: snapshots copy and sort
+    /// them with `sorted_copies` after releasing it).
+    pub(crate) fn records(&self) -> Vec<Arc<StoredResponse>> {
+        self.slots
+            .values()
+            .filter_map(|s| match s {
+                Slot::Done(r) => Some(Arc::clone(r)),
+                Slot::InFlight { .. } => None,
+            })
+            .collect()
+    }
+}
+
+/// Owned copies of `records`, in storage order (the snapshot image's order).
+pub(crate) fn sorted_copies(mut v: Vec<Arc<StoredResponse>>) -> Vec<StoredResponse> {
+    v.sort_by(|a, b| (a.at_ms, a.scope, &a.key).cmp(&(b.at_ms, b.scope, &b.key)));
+    v.into_iter().map(|r| (*r).clone()).collect()
 }
 
 impl crate::engine::Engine {
