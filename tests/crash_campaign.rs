@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::campaign::{
-    check, client, env_u64, next, provision, seed, Deadline, SERVER_ENV, WORKERS,
+    check, client, env_u64, next, offline_reconcile, provision, seed, Deadline, SERVER_ENV, WORKERS,
 };
 use support::Server;
 
@@ -89,13 +89,5 @@ fn crash_rounds_lose_no_acknowledged_write_and_no_credit() {
     }
     // A graceful stop, then the offline reconciliation agrees.
     assert!(s.terminate().success());
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_reelbatch"))
-        .args(["reconcile", "--data-dir", s.dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    offline_reconcile(&s.dir);
 }

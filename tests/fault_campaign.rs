@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::campaign::{
-    all_pages, check, client, env_u64, next, provision, seed, Acked, Deadline, Tally, SERVER_ENV,
-    WORKERS,
+    all_pages, check, client, env_u64, next, offline_reconcile, provision, seed, Acked, Deadline,
+    Tally, SERVER_ENV, WORKERS,
 };
 use support::{Api, InProcess, Server};
 use wal::{FaultInjector, WriteFault};
@@ -236,19 +236,6 @@ fn write_and_sync_failures_under_load_never_acknowledge_a_lost_write() {
     );
     assert!(total.acked > 0 && total.refused > 0, "{total:?}");
     offline_reconcile(&data);
-}
-
-/// The offline reconciliation over `data` exits 0.
-fn offline_reconcile(data: &Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_reelbatch"))
-        .args(["reconcile", "--data-dir", data.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
 }
 
 /// A tmpfs mounted on a directory for the guard's lifetime.

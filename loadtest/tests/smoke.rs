@@ -23,33 +23,36 @@ const FAST: [&str; 4] = [
     "REELBATCH_PROVIDER__SIMULATED__PERMANENT_FAILURE_RATE=0",
 ];
 
-#[test]
-fn a_run_answers_every_op_and_reports_it() {
+/// Runs `loadtest SUB --serve reelbatch` (fast provider) with `args` and `--json`; it must
+/// succeed. Returns what it printed and the JSON it wrote.
+fn loadtest_json(sub: &str, args: &[&str]) -> (String, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("run.json");
+    let json = dir.path().join(format!("{sub}.json"));
     let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args(["run", "--serve"])
+        .args([sub, "--serve"])
         .arg(reelbatch())
         .args(FAST)
-        .args([
-            "--tenants",
-            "8",
-            "--rate",
-            "100",
-            "--duration-s",
-            "2",
-            "--json",
-        ])
+        .args(args)
+        .arg("--json")
         .arg(&json)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let v = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    (text, v)
+}
+
+#[test]
+fn a_run_answers_every_op_and_reports_it() {
+    let (text, v) = loadtest_json(
+        "run",
+        &["--tenants", "8", "--rate", "100", "--duration-s", "2"],
+    );
     assert_eq!(v["sent"], 200);
     assert_eq!(v["all"]["count"], 200);
     assert_eq!(v["all"]["errors"], 0, "{v:#}");
@@ -120,13 +123,9 @@ fn a_plan_writes_its_report_and_charts() {
 
 #[test]
 fn a_soak_reports_every_window_and_the_trend() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("soak.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args(["soak", "--serve"])
-        .arg(reelbatch())
-        .args(FAST)
-        .args([
+    let (text, v) = loadtest_json(
+        "soak",
+        &[
             "--tenants",
             "4",
             "--rate",
@@ -135,18 +134,8 @@ fn a_soak_reports_every_window_and_the_trend() {
             "3",
             "--window-s",
             "1",
-            "--json",
-        ])
-        .arg(&json)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let windows = v["windows"].as_array().unwrap();
     assert_eq!(windows.len(), 3, "{v:#}");
     for w in windows {

@@ -338,3 +338,17 @@ pub async fn check(api: &Api, tenants: &[(String, String)], acked: &Acked, round
         assert_eq!(last["verified"], true, "round {round}: {tenant}: {last}");
     }
 }
+
+/// The offline reconciliation (`reelbatch reconcile`) over a stopped server's `data`
+/// exits 0.
+pub fn offline_reconcile(data: &std::path::Path) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_reelbatch"))
+        .args(["reconcile", "--data-dir", data.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
