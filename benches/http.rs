@@ -31,7 +31,7 @@
 //! `BENCH_DURABILITY=sync|none`, `BENCH_DIR` scratch directory on the disk under test).
 
 mod common;
-use common::{runtime, scratch};
+use common::{named_runtime, scratch};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -260,8 +260,8 @@ fn main() {
     .collect();
     let cfg = reelbatch::config::Config::load_with_env(None, env).unwrap();
 
-    let server_rt = runtime();
-    let client_rt = runtime();
+    let server_rt = named_runtime("server-worker");
+    let client_rt = named_runtime("client-worker");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server = server_rt.spawn(reelbatch::api::server::serve(

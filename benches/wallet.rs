@@ -3,7 +3,8 @@
 //! Run: `cargo bench --bench wallet` (env `BENCH_SECS` per measurement, default 3;
 //! `BENCH_DIR` scratch directory on the disk under test, default `target/bench-scratch`;
 //! `BENCH_IDLE_TENANTS`, default 100000; `BENCH_ARBITERS` overrides the arbiter count,
-//! default one per core).
+//! default one per core; `BENCH_ONLY`, a comma-separated subset of
+//! `idle,baseline,spread,hot,none`, runs only those phases — for profiling one phase).
 //!
 //! Measures, with 256 concurrent callers (tokio tasks on a 2-worker runtime):
 //! 1. the baseline: raw WAL appends (`sync`) of the wallet's mean record size;
@@ -244,6 +245,11 @@ fn idle_tenants(dir: &std::path::Path, n: u128) -> (f64, f64) {
     (per_tenant, snap_s)
 }
 
+/// Whether phase `name` runs (`BENCH_ONLY` unset: all of them).
+fn runs(name: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |only| only.split(',').any(|p| p.trim() == name))
+}
+
 fn main() {
     let dir = scratch();
     println!(
@@ -257,43 +263,50 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
-    let (per_tenant, snap_s) = idle_tenants(&dir, n);
-    println!("idle tenants: {n}, resident growth {per_tenant:.0} bytes per tenant (target <= 2048); snapshot of them {snap_s:.2} s");
+    if runs("idle") {
+        let (per_tenant, snap_s) = idle_tenants(&dir, n);
+        println!("idle tenants: {n}, resident growth {per_tenant:.0} bytes per tenant (target <= 2048); snapshot of them {snap_s:.2} s");
+    }
     // The wallet's records for hold and settle are about this size (measured below).
-    let baseline = wal_baseline(&dir, 150);
-    baseline.print();
-    let spread = hold_settle(
-        &dir,
-        "hold+settle, 10,000 tenants, sync",
-        10_000,
-        wal::Durability::Sync,
-    );
-    spread.print();
-    let hot = hold_settle(
-        &dir,
-        "hold+settle, 1 hot tenant, sync",
-        1,
-        wal::Durability::Sync,
-    );
-    hot.print();
-    let ceiling = hold_settle(
-        &dir,
-        "hold+settle, 10,000 tenants, none",
-        10_000,
-        wal::Durability::None,
-    );
-    ceiling.print();
+    let baseline = runs("baseline").then(|| wal_baseline(&dir, 150));
+    let phases = [
+        (
+            "spread",
+            "hold+settle, 10,000 tenants, sync",
+            10_000,
+            wal::Durability::Sync,
+        ),
+        (
+            "hot",
+            "hold+settle, 1 hot tenant, sync",
+            1,
+            wal::Durability::Sync,
+        ),
+        (
+            "none",
+            "hold+settle, 10,000 tenants, none",
+            10_000,
+            wal::Durability::None,
+        ),
+    ];
+    baseline.iter().for_each(Run::print);
+    let mut rates = Vec::new();
+    for (key, name, tenants, durability) in phases {
+        if runs(key) {
+            let run = hold_settle(&dir, name, tenants, durability);
+            run.print();
+            rates.push((key, run.rate()));
+        }
+    }
     std::fs::remove_dir_all(&dir).ok();
     println!();
-    println!(
-        "ratio spread / raw WAL baseline: {:.2}   hot / baseline: {:.2}   none / baseline: {:.2}",
-        spread.rate() / baseline.rate(),
-        hot.rate() / baseline.rate(),
-        ceiling.rate() / baseline.rate()
-    );
-    println!(
-        "targets: >= 300,000 durable ops/s across tenants (got {:.0}), >= 100,000/s hot tenant (got {:.0})",
-        spread.rate(),
-        hot.rate()
-    );
+    if let Some(base) = &baseline {
+        for (key, rate) in &rates {
+            println!("ratio {key} / raw WAL baseline: {:.2}", rate / base.rate());
+        }
+    }
+    for (key, rate) in &rates {
+        let target = if *key == "hot" { 100_000 } else { 300_000 };
+        println!("{key}: {rate:.0} ops/s (target >= {target} durable ops/s)");
+    }
 }

@@ -41,13 +41,14 @@ use std::path::{Path, PathBuf};
 
 /// Lower-case hex of bytes (hashes in exports, ids and fingerprints in the CLI).
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    // A table, not `write!` per byte: every ledger entry shown carries a 32-byte hash.
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 0x0f)] as char);
+    }
+    s
 }
 
 /// Cuts `s` to at most `bytes_max` bytes on a character boundary (bounded stored text).
@@ -69,4 +70,13 @@ pub fn wal_dir(data_dir: &Path) -> PathBuf {
 /// `D/snapshots`: where the snapshots of a data directory live.
 pub fn snapshot_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("snapshots")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hex_is_lower_case_two_digits_per_byte() {
+        assert_eq!(super::hex(&[]), "");
+        assert_eq!(super::hex(&[0x00, 0x0f, 0xab, 0xff]), "000fabff");
+    }
 }

@@ -13,8 +13,15 @@ pub fn scratch() -> PathBuf {
 
 /// The 2-worker tokio runtime the callers run on (the machine has 2 cores).
 pub fn runtime() -> tokio::runtime::Runtime {
+    named_runtime("tokio-rt-worker")
+}
+
+/// As `runtime`, with its threads named `name` (so a profile tells a server's threads
+/// from its client's when both run in one process).
+pub fn named_runtime(name: &str) -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_name(name)
         .enable_all()
         .build()
         .unwrap()

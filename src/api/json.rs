@@ -160,9 +160,28 @@ pub fn path_id<T: std::str::FromStr>(s: &str) -> Result<T, Problem> {
     s.parse().map_err(|_| Problem::not_found())
 }
 
+/// Bytes reserved for a JSON body up front: most single-object responses fit, so the
+/// buffer is not regrown and copied while serialising.
+const JSON_BODY_BYTES_INITIAL: usize = 1024;
+
 /// A JSON response with a status.
-pub fn json(status: StatusCode, v: &serde_json::Value) -> Response {
-    (status, axum::Json(v)).into_response()
+pub fn json<T: serde::Serialize + ?Sized>(status: StatusCode, v: &T) -> Response {
+    let mut body = Vec::with_capacity(JSON_BODY_BYTES_INITIAL);
+    match serde_json::to_writer(&mut body, v) {
+        Ok(()) => (
+            status,
+            [(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
+        // Our own views always serialise (string keys, no failing `Serialize`).
+        Err(e) => {
+            Problem::unavailable(format!("the response could not be encoded: {e}")).into_response()
+        }
+    }
 }
 
 /// The cursor after a page: the last item's cursor when the page is full (there may be

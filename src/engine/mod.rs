@@ -213,10 +213,20 @@ impl Unacked {
     }
 }
 
+/// A wallet in the directory: its actor, and the balances it publishes.
+struct WalletEntry {
+    /// Where commands and reads other than balances go.
+    addr: Addr<WalletActor>,
+    /// Balances without a round trip to the actor, once the first read made the view.
+    view: OnceLock<Arc<wallet::view::BalanceView>>,
+}
+
 struct Inner {
     cfg: EngineConfig,
     wal: wal::Wal,
-    wallets: RwLock<HashMap<TenantId, Addr<WalletActor>>>,
+    wallets: RwLock<HashMap<TenantId, WalletEntry>>,
+    /// What every wallet actor shares (handed to each as one `Arc`).
+    wallet_shared: Arc<wallet::actor::WalletShared>,
     arbiters: Vec<actix::ArbiterHandle>,
     system: actix::System,
     system_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -325,7 +335,14 @@ impl Engine {
             Arc::clone(&events_appended),
         );
         let wallets_n = states.len();
+        let wallet_shared = Arc::new(wallet::actor::WalletShared {
+            wal: wal.clone(),
+            events_appended: Arc::clone(&events_appended),
+            clock: Arc::clone(&cfg.clock),
+            outbox: Arc::clone(&outbox),
+        });
         let inner = Arc::new(Inner {
+            wallet_shared,
             wal,
             wallets: RwLock::new(HashMap::with_capacity(states.len())),
             arbiters,
@@ -413,21 +430,23 @@ impl Engine {
         Ok((engine, recovery))
     }
 
-    fn start_actor(&self, state: WalletState) -> Addr<WalletActor> {
+    fn start_actor(&self, state: WalletState) -> WalletEntry {
         let inner = &self.inner;
         let idx = (state.tenant.0 % inner.arbiters.len() as u128) as usize;
         let actor = WalletActor {
+            view: None,
             state,
-            wal: inner.wal.clone(),
-            events_appended: Arc::clone(&inner.events_appended),
-            clock: Arc::clone(&inner.cfg.clock),
-            outbox: Arc::clone(&inner.outbox),
+            shared: Arc::clone(&inner.wallet_shared),
         };
         let capacity = inner.cfg.mailbox_capacity;
-        WalletActor::start_in_arbiter(&inner.arbiters[idx], move |ctx| {
+        let addr = WalletActor::start_in_arbiter(&inner.arbiters[idx], move |ctx| {
             ctx.set_mailbox_capacity(capacity);
             actor
-        })
+        });
+        WalletEntry {
+            addr,
+            view: OnceLock::new(),
+        }
     }
 
     fn start_ticker(&self) {
@@ -504,7 +523,7 @@ impl Engine {
             .read()
             .expect("not poisoned")
             .get(&tenant)
-            .cloned()
+            .map(|w| w.addr.clone())
             .ok_or(WalletError::UnknownWallet)
     }
 
@@ -528,10 +547,13 @@ impl Engine {
         let event = WalletEvent::Opened {
             at_ms: self.now_ms(),
         };
-        let durable = self.inner.wal.append(&journal::encode(&Record::Wallet {
-            tenant,
-            event: event.clone(),
-        }))?;
+        let durable = journal::append(
+            &self.inner.wal,
+            &Record::Wallet {
+                tenant,
+                event: event.clone(),
+            },
+        )?;
         let mut state = WalletState::new(tenant);
         state.apply(&event, durable.lsn());
         self.inner.events_appended.fetch_add(1, Ordering::Relaxed);
@@ -559,10 +581,18 @@ impl Engine {
         tenant: TenantId,
         cmd: WalletCommand,
     ) -> Result<(WalletOutcome, Unacked), WalletError> {
-        let addr = self.addr(tenant)?;
+        // Sent under the directory's read lock: no `Addr` clone (two allocations in actix).
+        let request = self
+            .inner
+            .wallets
+            .read()
+            .expect("not poisoned")
+            .get(&tenant)
+            .map(|w| w.addr.send(wallet::actor::Execute { cmd }))
+            .ok_or(WalletError::UnknownWallet)?;
         let gauge = &self.inner.wallet_ops_in_flight;
         gauge.fetch_add(1, Ordering::Relaxed);
-        let r = wallet::actor::execute_unacked(&addr, cmd).await;
+        let r = wallet::actor::executed(request).await;
         gauge.fetch_sub(1, Ordering::Relaxed);
         let (entries, balances, wait) = r?;
         Ok((
@@ -585,10 +615,41 @@ impl Engine {
 
     /// Current balances (only acknowledged changes are ever visible).
     pub async fn balances(&self, tenant: TenantId) -> Result<Balances, WalletError> {
-        match self.read(tenant, Read::Balances).await? {
-            ReadAnswer::Balances(b) => Ok(b),
-            _ => unreachable!("answer matches the read"),
+        // From the published view: no round trip to the actor (see `wallet::view`). The
+        // first read asks the actor to make the view.
+        let published = {
+            let dir = self.inner.wallets.read().expect("not poisoned");
+            let w = dir.get(&tenant).ok_or(WalletError::UnknownWallet)?;
+            match w.view.get() {
+                Some(view) => Ok(view.read()),
+                None => Err(w.addr.send(Read::View)),
+            }
+        };
+        let (balances, lsn) = match published {
+            Ok(p) => p,
+            Err(request) => {
+                let (ReadAnswer::View(view), _) = request.await.map_err(unavailable)? else {
+                    unreachable!("answer matches the read")
+                };
+                let p = view.read();
+                if let Some(w) = self
+                    .inner
+                    .wallets
+                    .read()
+                    .expect("not poisoned")
+                    .get(&tenant)
+                {
+                    // A concurrent first read may have set it: the actor gave both the
+                    // same view.
+                    let _ = w.view.set(view);
+                }
+                p
+            }
+        };
+        if self.inner.wal.acked_lsn() < lsn {
+            self.inner.wal.wait_acked(lsn).await.map_err(unavailable)?;
         }
+        Ok(balances)
     }
 
     /// Ledger entries with seq > `after`, at most `limit`.
@@ -647,7 +708,7 @@ impl Engine {
         let addrs: Vec<Addr<WalletActor>> = {
             let dir = self.inner.wallets.read().expect("not poisoned");
             let mut v: Vec<(TenantId, Addr<WalletActor>)> =
-                dir.iter().map(|(t, a)| (*t, a.clone())).collect();
+                dir.iter().map(|(t, w)| (*t, w.addr.clone())).collect();
             v.sort_unstable_by_key(|(t, _)| *t);
             v.into_iter().map(|(_, a)| a).collect()
         };
@@ -694,7 +755,7 @@ impl Engine {
         let durable = {
             let mut log = self.inner.access.lock().expect("not poisoned");
             let record = Record::Access(entry);
-            let durable = self.inner.wal.append(&journal::encode(&record))?;
+            let durable = journal::append(&self.inner.wal, &record)?;
             let Record::Access(entry) = record else {
                 unreachable!("built above")
             };

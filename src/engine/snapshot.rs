@@ -45,6 +45,11 @@ pub fn encode(image: &EngineImage) -> Vec<u8> {
 
 /// Decodes and validates an image (payload 16-byte aligned).
 pub fn decode(payload: &[u8]) -> Result<EngineImage, JournalError> {
-    rkyv::from_bytes::<EngineImage, rkyv::rancor::Error>(archive_of(payload)?)
-        .map_err(|e| JournalError::Invalid(e.to_string()))
+    let mut image = rkyv::from_bytes::<EngineImage, rkyv::rancor::Error>(archive_of(payload)?)
+        .map_err(|e| JournalError::Invalid(e.to_string()))?;
+    // Fields derived from the grants are not archived.
+    for w in &mut image.wallets {
+        w.restore_derived();
+    }
+    Ok(image)
 }

@@ -139,9 +139,7 @@ impl Outbox {
         rec: WebhookRecord,
     ) -> Result<wal::Durable, WebhookError> {
         let record = Record::Webhook(rec);
-        let durable = self
-            .wal
-            .append(&journal::encode(&record))
+        let durable = journal::append(&self.wal, &record)
             .map_err(|e| WebhookError::Unavailable(e.to_string()))?;
         let Record::Webhook(rec) = record else {
             unreachable!("built above")

@@ -390,6 +390,10 @@ pub(crate) fn run_writer(shared: Arc<Shared>, mut file: File, mut path: PathBuf)
                     if Instant::now() >= until {
                         break;
                     }
+                    // On a saturated machine the spin must not take a core from the
+                    // threads that would produce the work (the appenders, the actors):
+                    // give way to any runnable thread; with none, this returns at once.
+                    std::thread::yield_now();
                 }
                 st = shared.lock();
                 continue;

@@ -219,7 +219,10 @@ fn main_entry(
         .rev()
         .find(|e| e.kind == kind)
         .ok_or_else(|| Problem::unavailable("the operation returned no ledger entry"))?;
-    let mut r = json(StatusCode::CREATED, &views::ledger_entry(t, e, None));
+    let mut r = json(
+        StatusCode::CREATED,
+        &views::LedgerEntryView::new(t, e, None),
+    );
     r.extensions_mut().insert(PendingAck::new(pending));
     Ok(r)
 }
@@ -429,7 +432,14 @@ pub async fn export_ledger(
                 for e in &chunk {
                     let expect = crate::engine::wallet::ledger::chain_hash(&prev, tenant, e);
                     ok &= expect == e.hash && e.seq == n + 1;
-                    out.push_str(&views::ledger_entry(tenant, e, Some(&prev)).to_string());
+                    out.push_str(
+                        &serde_json::to_string(&views::LedgerEntryView::new(
+                            tenant,
+                            e,
+                            Some(&prev),
+                        ))
+                        .expect("a ledger entry view always serialises"),
+                    );
                     out.push('\n');
                     prev = e.hash;
                     n += 1;

@@ -134,7 +134,7 @@ impl BatchActor {
             batch: self.state.id,
             event,
         };
-        let durable = match self.ctx.wal.append(&journal::encode(&record)) {
+        let durable = match journal::append(&self.ctx.wal, &record) {
             Ok(d) => d,
             Err(e) => {
                 self.broken = true;

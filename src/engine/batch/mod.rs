@@ -699,10 +699,7 @@ impl Engine {
                         at_ms: now,
                     };
                     let record = Record::Batch { batch: id, event };
-                    let durable = self
-                        .inner
-                        .wal
-                        .append(&journal::encode(&record))
+                    let durable = journal::append(&self.inner.wal, &record)
                         .map_err(|e| BatchError::Unavailable(e.to_string()))?;
                     self.inner.events_appended.fetch_add(1, Ordering::Relaxed);
                     let state = BatchState::created(id, tenant, spec.clone(), now, durable.lsn());

@@ -18,6 +18,7 @@ use crate::engine::wallet::ledger::LedgerEntry;
 use crate::engine::wallet::state::{
     Balances, Decision, Statement, WalletCommand, WalletError, WalletEvent, WalletState,
 };
+use crate::engine::wallet::view::BalanceView;
 
 /// What the caller must await before acknowledging.
 pub enum Wait {
@@ -31,6 +32,16 @@ pub enum Wait {
 pub struct WalletActor {
     /// The wallet.
     pub(crate) state: WalletState,
+    /// What every wallet actor shares: one pointer per actor, not four (an idle tenant's
+    /// memory is mostly its actor).
+    pub(crate) shared: Arc<WalletShared>,
+    /// Balances published after every command, for reads that skip the mailbox; made on
+    /// the first balance read (`Read::View`).
+    pub(crate) view: Option<Arc<BalanceView>>,
+}
+
+/// The parts all wallet actors share.
+pub(crate) struct WalletShared {
     /// Where events go.
     pub(crate) wal: wal::Wal,
     /// Events appended by all wallets since start (drives periodic snapshots).
@@ -52,9 +63,7 @@ impl WalletActor {
             tenant: self.state.tenant,
             event,
         };
-        let durable = self
-            .wal
-            .append(&journal::encode(&record))
+        let durable = journal::append(&self.shared.wal, &record)
             .map_err(|e| WalletError::Unavailable(e.to_string()))?;
         let Record::Wallet { event, .. } = record else {
             unreachable!("built above")
@@ -65,11 +74,11 @@ impl WalletActor {
         let state = &self.state;
         // Most wallet events (holds, settlements) are no webhook: skip the outbox's lock.
         if crate::webhooks::payload::wallet_may_emit(state, &event) {
-            self.outbox.emit(state.tenant, || {
+            self.shared.outbox.emit(state.tenant, || {
                 crate::webhooks::payload::wallet_events(state, before, &event, lsn)
             });
         }
-        self.events_appended.fetch_add(1, Ordering::Relaxed);
+        self.shared.events_appended.fetch_add(1, Ordering::Relaxed);
         Ok(durable)
     }
 }
@@ -99,7 +108,18 @@ impl Handler<Execute> for WalletActor {
     type Result = Result<Executed, WalletError>;
 
     fn handle(&mut self, msg: Execute, _: &mut Context<Self>) -> Self::Result {
-        let now_ms = self.clock.now_ms().max(self.state.last_at_ms());
+        let result = self.execute(msg);
+        // Whatever the outcome (an error may follow expiries already recorded).
+        if let Some(view) = &self.view {
+            view.publish(&self.state);
+        }
+        result
+    }
+}
+
+impl WalletActor {
+    fn execute(&mut self, msg: Execute) -> Result<Executed, WalletError> {
+        let now_ms = self.shared.clock.now_ms().max(self.state.last_at_ms());
         let before = self.state.ledger.len();
         let mut last = None;
         // Expire what is due first: facts in their own right, whatever the command's fate.
@@ -144,8 +164,8 @@ impl Handler<Execute> for WalletActor {
 /// Reads. Each answer carries the wallet's `last_lsn`: the caller waits until it is
 /// acknowledged, so no read shows a change the log could still lose.
 pub enum Read {
-    /// Balances.
-    Balances,
+    /// The wallet's balance view, made now if it has none (see `wallet::view`).
+    View,
     /// Entries with seq > `after`, at most `limit`.
     Ledger { after: u64, limit: usize },
     /// Statement for `[from_ms, to_ms)`.
@@ -158,7 +178,7 @@ pub enum Read {
 
 /// Answer to a `Read`.
 pub enum ReadAnswer {
-    Balances(Balances),
+    View(Arc<BalanceView>),
     Ledger(Vec<LedgerEntry>),
     Statement(Box<Statement>),
     Capture(Box<WalletState>),
@@ -173,9 +193,16 @@ impl Handler<Read> for WalletActor {
     type Result = actix::MessageResult<Read>;
 
     fn handle(&mut self, msg: Read, _: &mut Context<Self>) -> Self::Result {
+        if let Read::View = msg {
+            let state = &self.state;
+            let view = self
+                .view
+                .get_or_insert_with(|| Arc::new(BalanceView::of(state)));
+            return actix::MessageResult((ReadAnswer::View(Arc::clone(view)), state.last_lsn));
+        }
         let s = &self.state;
         let answer = match msg {
-            Read::Balances => ReadAnswer::Balances(s.balances()),
+            Read::View => unreachable!("answered above"),
             Read::Ledger { after, limit } => {
                 let start = (after as usize).min(s.ledger.len());
                 let end = start.saturating_add(limit).min(s.ledger.len());
@@ -209,8 +236,15 @@ pub(crate) async fn execute_unacked(
     addr: &actix::Addr<WalletActor>,
     cmd: WalletCommand,
 ) -> Result<(Vec<LedgerEntry>, Balances, Wait), WalletError> {
-    let done = addr
-        .send(Execute { cmd })
+    executed(addr.send(Execute { cmd })).await
+}
+
+/// The outcome of an `Execute` already sent (the caller may have sent it under a lock,
+/// without cloning the address: each `Addr` clone allocates in actix).
+pub(crate) async fn executed(
+    request: actix::dev::Request<WalletActor, Execute>,
+) -> Result<(Vec<LedgerEntry>, Balances, Wait), WalletError> {
+    let done = request
         .await
         .map_err(|e| WalletError::Unavailable(e.to_string()))??;
     Ok((done.entries, done.balances, done.wait))

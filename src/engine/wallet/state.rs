@@ -310,6 +310,16 @@ pub struct WalletState {
     pub ledger: Vec<LedgerEntry>,
     /// LSN of the last event applied (replay skips events at or below it).
     pub last_lsn: u64,
+    /// Sum of all grants' amounts: the credits ever created. Derived from `grants` and
+    /// kept so a top-up's overflow check is O(1), not a pass over every grant. Not
+    /// archived; `restore_derived` rebuilds it after a snapshot is read.
+    #[rkyv(with = rkyv::with::Skip)]
+    pub created: u64,
+    /// Earliest `expires_at_ms` among grants not expired yet (`u64::MAX`: none). Every
+    /// command first looks for due expiries; this lets it skip the pass over every grant
+    /// when none is due. Derived like `created`.
+    #[rkyv(with = rkyv::with::Skip)]
+    pub next_expiry_ms: u64,
 }
 
 impl WalletState {
@@ -330,7 +340,28 @@ impl WalletState {
             ops: HashMap::new(),
             ledger: Vec::new(),
             last_lsn: 0,
+            created: 0,
+            next_expiry_ms: u64::MAX,
         }
+    }
+
+    /// Rebuilds the fields derived from `grants` (not archived in snapshots).
+    pub fn restore_derived(&mut self) {
+        self.created = self
+            .grants
+            .iter()
+            .fold(0u64, |acc, g| money::add(acc, g.amount));
+        self.next_expiry_ms = self.earliest_expiry();
+    }
+
+    /// Earliest expiry among grants not expired yet (`u64::MAX`: none).
+    fn earliest_expiry(&self) -> u64 {
+        self.grants
+            .iter()
+            .filter(|g| !g.is_expired)
+            .filter_map(|g| g.expires_at_ms)
+            .min()
+            .unwrap_or(u64::MAX)
     }
 
     /// Current balances.
@@ -355,11 +386,7 @@ impl WalletState {
     /// Credits ever created (top-ups and upward adjustments) stay within `u64`, so every
     /// figure bounded by them (available, held, spent, expired, debited) cannot overflow.
     fn check_creation(&self, amount: u64) -> Result<(), WalletError> {
-        let created = self
-            .grants
-            .iter()
-            .try_fold(0u64, |acc, g| money::try_add(acc, g.amount))?;
-        money::try_add(created, amount)?;
+        money::try_add(self.created, amount)?;
         Ok(())
     }
 
@@ -400,6 +427,9 @@ impl WalletState {
 
     /// Events that expire every grant whose expiry is at or before `now_ms`.
     pub fn expiry_events(&self, now_ms: u64) -> Vec<WalletEvent> {
+        if now_ms < self.next_expiry_ms {
+            return Vec::new();
+        }
         self.grants
             .iter()
             .filter(|g| !g.is_expired && g.expires_at_ms.is_some_and(|e| e <= now_ms))
@@ -697,6 +727,10 @@ impl WalletState {
                     expires_at_ms: *expires_at_ms,
                     is_expired: false,
                 });
+                self.created = money::add(self.created, *amount);
+                if let Some(e) = *expires_at_ms {
+                    self.next_expiry_ms = self.next_expiry_ms.min(e);
+                }
                 self.available = money::add(self.available, *amount);
                 self.granted = money::add(self.granted, *amount);
                 let seq = self.record(
@@ -848,6 +882,7 @@ impl WalletState {
                             is_expired: false,
                         },
                     );
+                    self.created = money::add(self.created, magnitude);
                     self.available = money::add(self.available, magnitude);
                 } else {
                     let mut sum = 0;
@@ -889,6 +924,8 @@ impl WalletState {
                 assert!(!g.is_expired, "a grant expires once");
                 assert_eq!(g.available, *amount, "expiry takes all that is available");
                 g.is_expired = true;
+                // Rare (once per expiring grant): a full pass is fine here.
+                self.next_expiry_ms = self.earliest_expiry();
                 if *amount > 0 {
                     self.expire_from_grant(*grant, *amount, *at_ms, lsn);
                 }
@@ -988,6 +1025,24 @@ impl WalletState {
     /// Cost is linear in the wallet's size: for tests and reconciliation, not the hot path.
     pub fn check_invariants(&self) -> Result<(), String> {
         let err = |m: String| Err(format!("{}: {m}", self.tenant));
+        let created = self
+            .grants
+            .iter()
+            .map(|g| u128::from(g.amount))
+            .sum::<u128>();
+        if u128::from(self.created) != created {
+            return err(format!(
+                "created {} != sum of grants {created}",
+                self.created
+            ));
+        }
+        if self.next_expiry_ms != self.earliest_expiry() {
+            return err(format!(
+                "next expiry {} != earliest unexpired grant's {}",
+                self.next_expiry_ms,
+                self.earliest_expiry()
+            ));
+        }
         let lhs = self.available as i128 + self.held as i128;
         let rhs = self.granted as i128 + self.adjusted as i128
             - self.spent as i128
