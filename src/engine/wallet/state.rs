@@ -87,6 +87,15 @@ pub struct Draw {
     pub released: u64,
 }
 
+impl Grant {
+    /// Nothing can be drawn from it ever again: it expired (credits released back to it
+    /// expire at once), or nothing is available and nothing is held (only a release, of
+    /// credits held from this grant, ever adds to `available`).
+    fn is_dead(&self) -> bool {
+        self.is_expired || (self.available == 0 && self.held == 0)
+    }
+}
+
 impl Draw {
     fn remaining(&self) -> u64 {
         self.amount - self.settled - self.released
@@ -320,6 +329,12 @@ pub struct WalletState {
     /// when none is due. Derived like `created`.
     #[rkyv(with = rkyv::with::Skip)]
     pub next_expiry_ms: u64,
+    /// How many grants, from the first, are spent for good (`Grant::is_dead`): a hold's
+    /// draw order looks only at the grants after them, so a tenant with a long history of
+    /// used-up top-ups does not pay for it on every hold. Only grows. Derived like
+    /// `created`.
+    #[rkyv(with = rkyv::with::Skip)]
+    pub dead_grants: u32,
 }
 
 impl WalletState {
@@ -342,6 +357,17 @@ impl WalletState {
             last_lsn: 0,
             created: 0,
             next_expiry_ms: u64::MAX,
+            dead_grants: 0,
+        }
+    }
+
+    /// Advances `dead_grants` over grants that became dead (amortised O(1) per event).
+    fn advance_dead_grants(&mut self) {
+        while let Some(g) = self.grants.get(self.dead_grants as usize) {
+            if !g.is_dead() {
+                break;
+            }
+            self.dead_grants += 1;
         }
     }
 
@@ -352,6 +378,8 @@ impl WalletState {
             .iter()
             .fold(0u64, |acc, g| money::add(acc, g.amount));
         self.next_expiry_ms = self.earliest_expiry();
+        self.dead_grants = 0;
+        self.advance_dead_grants();
     }
 
     /// Earliest expiry among grants not expired yet (`u64::MAX`: none).
@@ -398,7 +426,7 @@ impl WalletState {
 
     /// Grant ids in draw order: soonest expiry, promotional first, oldest first.
     fn draw_order(&self) -> Vec<usize> {
-        let mut idx: Vec<usize> = (0..self.grants.len())
+        let mut idx: Vec<usize> = (self.dead_grants as usize..self.grants.len())
             .filter(|&i| self.grants[i].available > 0 && !self.grants[i].is_expired)
             .collect();
         idx.sort_by_key(|&i| {
@@ -934,6 +962,7 @@ impl WalletState {
                 self.low_balance_threshold = *threshold;
             }
         }
+        self.advance_dead_grants();
         self.last_lsn = lsn;
         self.assert_conservation();
     }
@@ -1035,6 +1064,12 @@ impl WalletState {
                 "created {} != sum of grants {created}",
                 self.created
             ));
+        }
+        if let Some(g) = self.grants[..self.dead_grants as usize]
+            .iter()
+            .find(|g| !g.is_dead())
+        {
+            return err(format!("grant {} is counted dead but is not", g.id));
         }
         if self.next_expiry_ms != self.earliest_expiry() {
             return err(format!(
@@ -1236,4 +1271,64 @@ pub struct Statement {
     pub closing_held: u64,
     /// Ledger entries in the period.
     pub entries: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `cmd` through decide and apply, as the actor does (LSNs from `lsn`).
+    fn run(w: &mut WalletState, cmd: WalletCommand, lsn: &mut u64) {
+        let Decision::Record(events) = w.decide(&cmd, 1_000).expect("accepted") else {
+            panic!("not a repeat")
+        };
+        for e in events {
+            *lsn += 1;
+            w.apply(&e, *lsn);
+        }
+        w.check_invariants().expect("invariants hold");
+    }
+
+    #[test]
+    fn used_up_grants_leave_the_draw_order_for_good() {
+        let mut w = WalletState::new(TenantId(1));
+        let mut lsn = 0;
+        for i in 0..3 {
+            let request_id = format!("t{i}");
+            let grant = WalletCommand::Grant {
+                request_id,
+                kind: GrantKind::Paid,
+                amount: 10,
+                expires_at_ms: None,
+            };
+            run(&mut w, grant, &mut lsn);
+        }
+        assert_eq!(w.dead_grants, 0);
+        // Hold 15: all of grant 1, half of grant 2 (oldest first).
+        let batch = BatchId(7);
+        run(&mut w, WalletCommand::Hold { batch, amount: 15 }, &mut lsn);
+        assert_eq!(w.dead_grants, 0, "grant 1's credits are still held");
+        let settle = WalletCommand::Settle {
+            batch,
+            item: 0,
+            amount: 10,
+        };
+        run(&mut w, settle, &mut lsn);
+        assert_eq!(
+            w.dead_grants, 1,
+            "grant 1 is spent: nothing can come back to it"
+        );
+        let release = WalletCommand::Release {
+            batch,
+            item: 1,
+            amount: 5,
+        };
+        run(&mut w, release, &mut lsn);
+        assert_eq!(w.dead_grants, 1, "grant 2 got its 5 back and is live");
+        assert_eq!(w.draw_order(), vec![1, 2]);
+        // Derived fields rebuild to the same values.
+        let mut copy = w.clone();
+        copy.restore_derived();
+        assert_eq!(copy, w);
+    }
 }
