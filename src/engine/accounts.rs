@@ -393,12 +393,8 @@ impl crate::engine::Engine {
         acc: &mut AccountsState,
         event: AccountEvent,
     ) -> Result<wal::Durable, AccountError> {
-        let durable = self
-            .inner
-            .wal
-            .append(&crate::engine::journal::encode(
-                &crate::engine::events::Record::Account(event.clone()),
-            ))
+        let record = crate::engine::events::Record::Account(event.clone());
+        let durable = crate::engine::journal::append(&self.inner.wal, &record)
             .map_err(|e| AccountError::Unavailable(e.to_string()))?;
         acc.apply(&event, durable.lsn());
         self.inner

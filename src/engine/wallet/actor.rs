@@ -225,22 +225,15 @@ pub(crate) async fn execute(
     wal: &wal::Wal,
     cmd: WalletCommand,
 ) -> Result<(Vec<LedgerEntry>, Balances), WalletError> {
-    let (entries, balances, wait) = execute_unacked(addr, cmd).await?;
+    let (entries, balances, wait) = executed(addr.send(Execute { cmd })).await?;
     wait_for(wal, wait).await?;
     Ok((entries, balances))
 }
 
-/// As `execute`, without waiting: the caller must `wait_for` the returned `Wait` (or a
-/// later append's durability, which implies it) before it acknowledges anything.
-pub(crate) async fn execute_unacked(
-    addr: &actix::Addr<WalletActor>,
-    cmd: WalletCommand,
-) -> Result<(Vec<LedgerEntry>, Balances, Wait), WalletError> {
-    executed(addr.send(Execute { cmd })).await
-}
-
-/// The outcome of an `Execute` already sent (the caller may have sent it under a lock,
-/// without cloning the address: each `Addr` clone allocates in actix).
+/// The outcome of an `Execute` already sent, not yet acknowledged: the caller must
+/// `wait_for` the returned `Wait` (or a later append's durability, which implies it)
+/// before it acknowledges anything. The caller may have sent it under a lock, without
+/// cloning the address (each `Addr` clone allocates in actix).
 pub(crate) async fn executed(
     request: actix::dev::Request<WalletActor, Execute>,
 ) -> Result<(Vec<LedgerEntry>, Balances, Wait), WalletError> {
