@@ -181,6 +181,19 @@ impl Metrics {
                 0.0
             },
         );
+        let (archived, archive_bytes) = e.batch_archive_stats();
+        gauge(
+            "reelbatch_batches_archived",
+            "gauge",
+            "Finished batches kept in the batch archive (on disk, read on demand).",
+            archived as f64,
+        );
+        gauge(
+            "reelbatch_batch_archive_bytes",
+            "gauge",
+            "Bytes of valid records in the batch archive.",
+            archive_bytes as f64,
+        );
         let s = e.scheduler_stats();
         gauge(
             "reelbatch_scheduler_permits_outstanding",

@@ -160,6 +160,9 @@ pub enum EngineError {
     /// A batch operation failed.
     #[error(transparent)]
     Batch(#[from] crate::engine::batch::BatchError),
+    /// The batch archive could not be opened, read or written.
+    #[error("{0}")]
+    Archive(String),
 }
 
 /// What startup found.
@@ -279,7 +282,10 @@ impl Engine {
             },
         )?;
 
-        let mut rebuilt = rebuild::Rebuilt::from_snapshot(&cfg, lookup.snapshot.as_ref())?;
+        let (archive, archived) = batch::archive::BatchArchive::open(&cfg.data_dir)
+            .map_err(|e| EngineError::Archive(e.to_string()))?;
+        let mut rebuilt =
+            rebuild::Rebuilt::from_snapshot(&cfg, lookup.snapshot.as_ref(), archived)?;
         let from = rebuilt.next_lsn();
         if report.frames > 0 && wal.first_lsn() > from {
             return Err(EngineError::Gap {
@@ -291,6 +297,7 @@ impl Engine {
         let rebuild::Rebuilt {
             wallets: states,
             batches,
+            archived,
             accounts,
             responses,
             hooks,
@@ -413,11 +420,12 @@ impl Engine {
             anomalies: AtomicU64::new(0),
             provider_stats: Arc::default(),
             outbox: Arc::clone(&engine.inner.outbox),
+            archive: Arc::new(archive),
         });
         let _ = engine.inner.batches.set(ctx);
         *engine.inner.workers.lock().expect("not poisoned") = Some(workers);
         let batches_n = batches.len();
-        batch::restore(&engine, batches, &holds)?;
+        batch::restore(&engine, batches, &holds, &archived)?;
         engine.start_ticker();
         let recovery = Recovery {
             wal: report,
@@ -793,7 +801,7 @@ impl Engine {
         // Read before any capture: every event at or below it is in the captured states.
         let covered_lsn = i.wal.next_lsn() - 1;
         let wallets = self.capture_all().await?;
-        let batches = self.capture_batches().await?;
+        let (batches, finished) = self.capture_for_snapshot().await?;
         let accounts = i.accounts.read().expect("not poisoned").clone();
         let responses = {
             let mut r = i.responses.lock().expect("not poisoned");
@@ -813,6 +821,9 @@ impl Engine {
         let newest = i.wal.next_lsn() - 1;
         i.wal.wait_acked(newest.max(covered_lsn)).await?;
         let captured = started.elapsed();
+        // Finished batches go to the archive (synced) before the image that leaves them
+        // out is written; their memory is freed now.
+        let archived = self.archive_finished(finished).await?;
         let bytes = snapshot::encode(&EngineImage {
             covered_lsn,
             wallets,
@@ -833,6 +844,7 @@ impl Engine {
             covered_lsn,
             bytes = bytes.len(),
             capture_ms = captured.as_millis() as u64,
+            batches_archived = archived,
             total_ms = started.elapsed().as_millis() as u64,
             "snapshot written"
         );

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use crate::delivery::access::AccessLog;
 use crate::engine::accounts::AccountsState;
+use crate::engine::batch::archive::ArchiveRef;
 use crate::engine::batch::state::{BatchEvent, BatchState};
 use crate::engine::events::Record;
 use crate::engine::idempotency::ResponseStore;
@@ -24,6 +25,8 @@ pub(crate) struct Rebuilt {
     pub(crate) wallets: HashMap<TenantId, WalletState>,
     /// Batches (active and finished) by id.
     pub(crate) batches: HashMap<BatchId, BatchState>,
+    /// Batches read from the archive: where, and the `last_lsn` read there.
+    pub(crate) archived: HashMap<BatchId, (ArchiveRef, u64)>,
     /// Tenants and keys.
     pub(crate) accounts: AccountsState,
     /// Stored idempotent responses.
@@ -43,8 +46,30 @@ pub(crate) struct Rebuilt {
 }
 
 impl Rebuilt {
-    /// The state of a snapshot (or the empty state without one).
+    /// The state of a snapshot (or the empty state without one) and of the batch archive's
+    /// records. An archived batch replaces an older copy in the image (a crash between the
+    /// archive's sync and the image's rename leaves both); the log's replay then skips
+    /// its events, all at or below its `last_lsn`.
     pub(crate) fn from_snapshot(
+        cfg: &EngineConfig,
+        snap: Option<&wal::Snapshot>,
+        archive: Vec<(ArchiveRef, BatchState)>,
+    ) -> Result<Rebuilt, EngineError> {
+        let mut r = Self::from_image(cfg, snap)?;
+        for (at, state) in archive {
+            if r.batches
+                .get(&state.id)
+                .is_some_and(|b| b.last_lsn > state.last_lsn)
+            {
+                continue;
+            }
+            r.archived.insert(state.id, (at, state.last_lsn));
+            r.batches.insert(state.id, state);
+        }
+        Ok(r)
+    }
+
+    fn from_image(
         cfg: &EngineConfig,
         snap: Option<&wal::Snapshot>,
     ) -> Result<Rebuilt, EngineError> {
@@ -53,6 +78,7 @@ impl Rebuilt {
         let mut r = Rebuilt {
             wallets: HashMap::new(),
             batches: HashMap::new(),
+            archived: HashMap::new(),
             accounts: AccountsState::default(),
             responses: ResponseStore::new(cfg.idempotency_retention_ms, cfg.idempotency_keys_max),
             hooks: OutboxState::new(hook_limits),
@@ -229,7 +255,9 @@ pub struct Offline {
 /// Reads the data directory `data_dir` as the server would recover it, read-only.
 pub fn load_offline(cfg: &EngineConfig, data_dir: &Path) -> Result<Offline, EngineError> {
     let lookup = wal::find_latest_snapshot(&crate::snapshot_dir(data_dir), cfg.snapshot_bytes_max)?;
-    let mut r = Rebuilt::from_snapshot(cfg, lookup.snapshot.as_ref())?;
+    let archive = crate::engine::batch::archive::BatchArchive::read_only(data_dir)
+        .map_err(|e| EngineError::Archive(e.to_string()))?;
+    let mut r = Rebuilt::from_snapshot(cfg, lookup.snapshot.as_ref(), archive)?;
     let wal_dir = crate::wal_dir(data_dir);
     let (scan, mut replay) = match wal::read_only(&wal_dir, r.next_lsn()) {
         Ok(x) => x,

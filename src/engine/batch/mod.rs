@@ -8,10 +8,14 @@
 //! - `actor.rs`    the per-batch actor: hold, dispatch, outcomes, money, finish
 //! - `attempt.rs`  one attempt as a task: submit, durable job id, poll, fetch, store
 //!
-//! The directory (`Directory`) maps batch ids to live actors or to finished states, and
-//! request ids to batches (a repeat of a creation returns the same batch).
+//! - `archive.rs`  finished batches on disk, read on demand
+//!
+//! The directory (`Directory`) maps batch ids to live actors or to finished states (in
+//! memory until the next snapshot moves them to the archive), and request ids to batches
+//! (a repeat of a creation returns the same batch).
 
 pub mod actor;
+pub mod archive;
 pub mod attempt;
 pub mod pricing;
 pub mod state;
@@ -372,14 +376,40 @@ pub(crate) struct BatchCtx {
     pub provider_stats: Arc<attempt::ProviderStats>,
     /// Where batch events go as webhooks.
     pub outbox: Arc<crate::webhooks::Outbox>,
+    /// Finished batches moved out of memory.
+    pub archive: Arc<archive::BatchArchive>,
+}
+
+/// A finished batch: in memory until a snapshot archives it, then only its place.
+pub(crate) enum Finished {
+    /// Finished since the last snapshot (or not yet archived): the final state.
+    Hot(Arc<BatchState>, Arc<Expansion>),
+    /// In the archive: the owner (every read checks it) and where the record is.
+    Cold {
+        tenant: TenantId,
+        at: archive::ArchiveRef,
+    },
+}
+
+impl Finished {
+    fn tenant(&self) -> TenantId {
+        match self {
+            Finished::Hot(s, _) => s.tenant,
+            Finished::Cold { tenant, .. } => *tenant,
+        }
+    }
 }
 
 #[derive(Default)]
 pub(crate) struct DirState {
     /// Live actors.
     pub active: HashMap<BatchId, (TenantId, Addr<BatchActor>)>,
-    /// Finished batches (with their prompts).
-    pub finished: HashMap<BatchId, (Arc<BatchState>, Arc<Expansion>)>,
+    /// Finished batches (in memory with their prompts, or archived).
+    pub finished: HashMap<BatchId, Finished>,
+    /// Items by state over every finished batch (metrics without reading the archive).
+    pub finished_counts: Counts,
+    /// How many of `finished` are archived (`Finished::Cold`).
+    pub archived_n: u64,
     /// Every batch by tenant, in id (= creation time) order: listing.
     pub by_tenant: BTreeSet<(TenantId, BatchId)>,
     /// (tenant, request id) → (batch, request fingerprint).
@@ -457,7 +487,11 @@ impl Directory {
     pub(crate) fn finish(&self, state: BatchState, expansion: Arc<Expansion>) {
         let mut d = self.map.write().expect("not poisoned");
         d.active.remove(&state.id);
-        d.finished.insert(state.id, (Arc::new(state), expansion));
+        add_counts(&mut d.finished_counts, &state.counts);
+        let previous = d
+            .finished
+            .insert(state.id, Finished::Hot(Arc::new(state), expansion));
+        assert!(previous.is_none(), "a batch finishes once");
     }
 
     pub(crate) fn remove_rejected(&self, state: &BatchState) {
@@ -780,9 +814,32 @@ impl Engine {
             };
         }
         match d.finished.get(&id) {
-            Some((s, _)) if s.tenant == tenant => Ok(None),
+            Some(f) if f.tenant() == tenant => Ok(None),
             _ => Err(BatchError::NotFound),
         }
+    }
+
+    /// A finished batch's state and prompts: from memory, or read from the archive (on the
+    /// blocking pool: a file read). The caller checked the owner.
+    async fn finished_state(
+        &self,
+        id: BatchId,
+    ) -> Result<(Arc<BatchState>, Arc<Expansion>, bool), BatchError> {
+        let ctx = Arc::clone(self.batch_ctx());
+        let at = {
+            let d = ctx.dir.map.read().expect("not poisoned");
+            match d.finished.get(&id).ok_or(BatchError::NotFound)? {
+                Finished::Hot(s, e) => return Ok((Arc::clone(s), Arc::clone(e), false)),
+                Finished::Cold { at, .. } => *at,
+            }
+        };
+        let state = tokio::task::spawn_blocking(move || ctx.archive.read(at))
+            .await
+            .map_err(|e| BatchError::Unavailable(e.to_string()))?
+            .map_err(|e| BatchError::Unavailable(e.to_string()))?;
+        assert_eq!(state.id, id, "the archive reference points at its batch");
+        let expansion = Arc::new(expansion_of(&state.spec));
+        Ok((Arc::new(state), expansion, true))
     }
 
     async fn wait_acked(&self, lsn: u64) -> Result<(), BatchError> {
@@ -813,12 +870,11 @@ impl Engine {
                     }
                 }
                 None => {
-                    let (s, exp) = {
-                        let d = self.batch_ctx().dir.map.read().expect("not poisoned");
-                        let (s, e) = d.finished.get(&id).ok_or(BatchError::NotFound)?;
-                        (Arc::clone(s), Arc::clone(e))
-                    };
-                    self.wait_acked(s.last_lsn).await?;
+                    let (s, exp, archived) = self.finished_state(id).await?;
+                    // An archived state was acknowledged before it was written there.
+                    if !archived {
+                        self.wait_acked(s.last_lsn).await?;
+                    }
                     return Ok(match read() {
                         Read::View => ReadAnswer::View(Box::new(BatchView::of(&s, s.counts, 0, 0))),
                         Read::Items { from, limit } => {
@@ -1019,10 +1075,7 @@ impl Engine {
     pub async fn item_counts(&self) -> Result<Counts, BatchError> {
         let (mut c, addrs) = {
             let d = self.batch_ctx().dir.map.read().expect("not poisoned");
-            let mut c = Counts::default();
-            for (s, _) in d.finished.values() {
-                add_counts(&mut c, &s.counts);
-            }
+            let c = d.finished_counts;
             let addrs: Vec<Addr<BatchActor>> = d.active.values().map(|(_, a)| a.clone()).collect();
             (c, addrs)
         };
@@ -1053,8 +1106,40 @@ impl Engine {
         self.batch(tenant, id).await
     }
 
-    /// Every batch's state (snapshots, tests), by id.
+    /// Every batch's state (reconciliation, tests), by id: archived ones are read back.
     pub async fn capture_batches(&self) -> Result<Vec<BatchState>, BatchError> {
+        let (mut out, hot) = self.capture_for_snapshot().await?;
+        out.extend(hot.iter().map(|s| (**s).clone()));
+        let ctx = Arc::clone(self.batch_ctx());
+        let cold: Vec<archive::ArchiveRef> = {
+            let d = ctx.dir.map.read().expect("not poisoned");
+            d.finished
+                .values()
+                .filter_map(|f| match f {
+                    Finished::Cold { at, .. } => Some(*at),
+                    Finished::Hot(..) => None,
+                })
+                .collect()
+        };
+        let read = tokio::task::spawn_blocking(move || {
+            cold.into_iter()
+                .map(|at| ctx.archive.read(at))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| BatchError::Unavailable(e.to_string()))?
+        .map_err(|e| BatchError::Unavailable(e.to_string()))?;
+        out.extend(read);
+        out.sort_by_key(|b| b.id);
+        Ok(out)
+    }
+
+    /// What a snapshot needs of the batches: every active batch's state (captured from its
+    /// actor) and the finished batches still in memory. Archived ones are left out: the
+    /// archive holds them.
+    pub(crate) async fn capture_for_snapshot(
+        &self,
+    ) -> Result<(Vec<BatchState>, Vec<Arc<BatchState>>), BatchError> {
         let addrs: Vec<Addr<BatchActor>> = {
             let d = self.batch_ctx().dir.map.read().expect("not poisoned");
             d.active.values().map(|(_, a)| a.clone()).collect()
@@ -1068,23 +1153,78 @@ impl Engine {
                 Err(_) => {}
             }
         }
-        // Then every finished batch, including those that finished while capturing (read
-        // after the captures, so none is missed; one captured live keeps that capture).
-        // Under the directory lock only the shared pointers are taken: the deep copies are
-        // made after it is released, so batch reads and finishing batches never wait for
-        // a snapshot's copying (a soak showed 1 s stalls when they did).
+        // Then every finished batch in memory, including those that finished while
+        // capturing (read after the captures, so none is missed; one captured live keeps
+        // that capture). Under the directory lock only the shared pointers are taken: the
+        // deep copies are made after it is released, so batch reads and finishing batches
+        // never wait for a snapshot's copying (a soak showed 1 s stalls when they did).
         let captured: std::collections::HashSet<BatchId> = out.iter().map(|b| b.id).collect();
-        let finished: Vec<Arc<BatchState>> = {
+        let hot: Vec<Arc<BatchState>> = {
             let d = self.batch_ctx().dir.map.read().expect("not poisoned");
             d.finished
                 .iter()
                 .filter(|(id, _)| !captured.contains(id))
-                .map(|(_, (s, _))| Arc::clone(s))
+                .filter_map(|(_, f)| match f {
+                    Finished::Hot(s, _) => Some(Arc::clone(s)),
+                    Finished::Cold { .. } => None,
+                })
                 .collect()
         };
-        out.extend(finished.iter().map(|s| (**s).clone()));
         out.sort_by_key(|b| b.id);
-        Ok(out)
+        Ok((out, hot))
+    }
+
+    /// Moves finished batches to the archive (appended and synced), then drops their
+    /// states from memory. Every state's last event must be acknowledged already (the
+    /// snapshot waits for that first), so the archive never holds a change the log could
+    /// lose. Returns how many moved.
+    pub(crate) async fn archive_finished(
+        &self,
+        mut hot: Vec<Arc<BatchState>>,
+    ) -> Result<usize, BatchError> {
+        if hot.is_empty() {
+            return Ok(0);
+        }
+        let acked = self.inner.wal.acked_lsn();
+        for s in &hot {
+            assert!(
+                s.last_lsn <= acked,
+                "batch {} archived before its last event was acknowledged",
+                s.id
+            );
+            assert!(
+                matches!(s.phase, Phase::Finished { .. }),
+                "only finished batches are archived"
+            );
+        }
+        hot.sort_by_key(|s| s.id);
+        let ctx = Arc::clone(self.batch_ctx());
+        let (hot, refs) = tokio::task::spawn_blocking(move || {
+            let states: Vec<&BatchState> = hot.iter().map(|s| &**s).collect();
+            let refs = ctx.archive.append_durable(&states);
+            (hot, refs)
+        })
+        .await
+        .map_err(|e| BatchError::Unavailable(e.to_string()))?;
+        let refs = refs.map_err(|e| BatchError::Unavailable(e.to_string()))?;
+        let mut d = self.batch_ctx().dir.map.write().expect("not poisoned");
+        for (s, at) in hot.iter().zip(refs) {
+            let slot = d.finished.get_mut(&s.id).expect("finished batches stay");
+            assert!(matches!(slot, Finished::Hot(..)), "archived once");
+            *slot = Finished::Cold {
+                tenant: s.tenant,
+                at,
+            };
+            d.archived_n += 1;
+        }
+        Ok(hot.len())
+    }
+
+    /// Finished batches in the archive, and the archive's bytes (metrics).
+    pub fn batch_archive_stats(&self) -> (u64, u64) {
+        let ctx = self.batch_ctx();
+        let archived = ctx.dir.map.read().expect("not poisoned").archived_n;
+        (archived, ctx.archive.bytes())
     }
 
     /// Refusals by wallets that should be impossible (0 in a healthy engine).
@@ -1104,20 +1244,37 @@ impl Engine {
 }
 
 /// Recovery helper: puts recovered batches into the directory and starts the active ones.
+/// A finished batch read from the archive (`archived`: where, and the `last_lsn` read
+/// there) that replay did not touch stays there; only its place is kept.
 pub(crate) fn restore(
     engine: &Engine,
     batches: HashMap<BatchId, BatchState>,
     holds: &HashMap<BatchId, Hold>,
+    archived: &HashMap<BatchId, (archive::ArchiveRef, u64)>,
 ) -> Result<(), WalletError> {
     let ctx = Arc::clone(engine.batch_ctx());
     let mut d = ctx.dir.map.write().expect("not poisoned");
     for (id, state) in batches {
         ctx.dir.insert(&mut d, &state);
-        let expansion = Arc::new(expansion_of(&state.spec));
         if matches!(state.phase, Phase::Finished { .. }) {
-            d.finished.insert(id, (Arc::new(state), expansion));
+            add_counts(&mut d.finished_counts, &state.counts);
+            let entry = match archived.get(&id) {
+                Some(&(at, lsn)) if lsn == state.last_lsn => {
+                    d.archived_n += 1;
+                    Finished::Cold {
+                        tenant: state.tenant,
+                        at,
+                    }
+                }
+                _ => {
+                    let expansion = Arc::new(expansion_of(&state.spec));
+                    Finished::Hot(Arc::new(state), expansion)
+                }
+            };
+            d.finished.insert(id, entry);
             continue;
         }
+        let expansion = Arc::new(expansion_of(&state.spec));
         let tenant = state.tenant;
         let wallet = engine.addr(tenant)?;
         let addr = engine.start_batch_actor(state, wallet, expansion, holds.get(&id), None);

@@ -1,0 +1,402 @@
+//! The batch archive: finished batches live in one append-only file, read on demand, so
+//! memory keeps only where each one is (`ArchiveRef`) and not its items, prompts and
+//! outputs. A finished batch never changes again, which is what makes it safe to write
+//! once and forget.
+//!
+//! ```text
+//! File: <data>/archive/batches, a sequence of records, nothing else.
+//! Record: crc32 u32 (of bytes 4.. of the record) | len u32 (payload bytes) |
+//!         version u8 = 1 | 7 reserved zero bytes | payload: rkyv BatchState (16-aligned
+//!         within the record; copied into an AlignedVec before validated access)
+//! ```
+//!
+//! Who writes: only the snapshot (one at a time, under the engine's snapshot lock), and
+//! only final states whose last event the log has acknowledged, so the archive never holds
+//! a change the log could lose. It appends at `end` with positional writes and
+//! `fdatasync`s before any in-memory state is dropped and before the snapshot image that
+//! leaves those batches out is written; a failed write leaves `end` where it was (the next
+//! append overwrites the partial bytes).
+//!
+//! After every sync the archive's length is recorded in `batches.durable` (written to a
+//! temporary file, synced, renamed, folder synced: old or new, never half):
+//! ```text
+//! batches.durable: len u64 | crc32 u32 (of the 8 length bytes)
+//! ```
+//! Recovery reads records in order up to the first one that does not validate. Before the
+//! recorded length that is damage and opening fails, like the log's corruption in the
+//! middle (the log segments holding those batches' events are gone). At or after it, it
+//! is a torn tail (an append that never reached its sync, possibly with later pages on
+//! disk and earlier ones not) and is cut: the log still holds those batches' events.
+//! The log's replay skips a batch's events at or below its `last_lsn`, and the archived
+//! copy of a batch wins over an older copy in a snapshot image (a crash between the
+//! archive's sync and the image's rename leaves both).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::engine::batch::state::BatchState;
+
+/// Record header bytes (crc, len, version, reserved).
+const HEADER_BYTES: usize = 16;
+/// Format of a record.
+const VERSION: u8 = 1;
+/// Largest payload accepted when reading: far above a batch at the largest plan's item
+/// cap, and small enough that a damaged length cannot ask for an absurd allocation.
+pub(crate) const RECORD_BYTES_MAX: u64 = 256 << 20;
+/// Reads of the file are made in chunks of at most this (recovery scans).
+const SCAN_CHUNK_BYTES: usize = 1 << 20;
+
+/// Where a finished batch sits in the archive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ArchiveRef {
+    /// Offset of the record's header.
+    pub offset: u64,
+    /// Payload bytes (the record is `HEADER_BYTES + len`).
+    pub len: u32,
+}
+
+/// Why the archive could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    /// The file system refused.
+    #[error("batch archive {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A record in the middle of the file does not validate (valid records follow).
+    #[error("batch archive {path}: record at offset {offset} is damaged ({reason}) and valid records follow it")]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    /// A record that an in-memory reference points at does not validate.
+    #[error("batch archive {path}: record at offset {offset}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+}
+
+/// The archive file of a data directory.
+pub fn archive_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("archive").join("batches")
+}
+
+/// The open archive.
+pub(crate) struct BatchArchive {
+    /// Opened read + write; reads and writes are positional, so readers never share a cursor.
+    file: File,
+    /// For error messages.
+    path: PathBuf,
+    /// Where the next record goes (every byte before it is a valid record). Behind a mutex
+    /// only to make appends exclusive; readers never take it.
+    end: Mutex<u64>,
+}
+
+impl BatchArchive {
+    /// Opens (or creates) the archive, cuts a torn tail, and returns the valid records'
+    /// states. Fails on damage in the middle.
+    pub(crate) fn open(
+        data_dir: &Path,
+    ) -> Result<(BatchArchive, Vec<(ArchiveRef, BatchState)>), ArchiveError> {
+        let path = archive_path(data_dir);
+        let io_err = |source| ArchiveError::Io {
+            path: path.clone(),
+            source,
+        };
+        let dir = path.parent().expect("the archive path has a folder");
+        let created = !dir.exists();
+        std::fs::create_dir_all(dir).map_err(io_err)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err)?;
+        if created {
+            // The new folder's entry must survive a crash like the file's bytes will.
+            sync_dir(data_dir).map_err(io_err)?;
+            sync_dir(dir).map_err(io_err)?;
+        }
+        let durable = read_durable(&path)?;
+        let (records, valid_bytes) = scan(&file, &path, durable)?;
+        let len = file.metadata().map_err(io_err)?.len();
+        if len > valid_bytes {
+            tracing::warn!(
+                path = %path.display(),
+                cut_bytes = len - valid_bytes,
+                "batch archive: torn tail cut"
+            );
+            file.set_len(valid_bytes).map_err(io_err)?;
+            file.sync_data().map_err(io_err)?;
+        }
+        Ok((
+            BatchArchive {
+                file,
+                path,
+                end: Mutex::new(valid_bytes),
+            },
+            records,
+        ))
+    }
+
+    /// Reads the records of a stopped server's archive without changing it (offline tools).
+    /// A missing archive has no records.
+    pub(crate) fn read_only(
+        data_dir: &Path,
+    ) -> Result<Vec<(ArchiveRef, BatchState)>, ArchiveError> {
+        let path = archive_path(data_dir);
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(ArchiveError::Io { path, source }),
+        };
+        let durable = read_durable(&path)?;
+        Ok(scan(&file, &path, durable)?.0)
+    }
+
+    /// Appends the states (one record each) and syncs. Returns where each one went, in
+    /// order. On error nothing is referenced and `end` does not move.
+    pub(crate) fn append_durable(
+        &self,
+        states: &[&BatchState],
+    ) -> Result<Vec<ArchiveRef>, ArchiveError> {
+        let mut end = self.end.lock().expect("not poisoned");
+        let mut refs = Vec::with_capacity(states.len());
+        let mut buf: Vec<u8> = Vec::new();
+        let mut at = *end;
+        let mut written = *end;
+        for s in states {
+            let payload =
+                rkyv::to_bytes::<rkyv::rancor::Error>(*s).expect("serializing a batch cannot fail");
+            assert!(
+                (payload.len() as u64) <= RECORD_BYTES_MAX,
+                "a batch record of {} bytes is over the archive's limit",
+                payload.len()
+            );
+            refs.push(ArchiveRef {
+                offset: at,
+                len: payload.len() as u32,
+            });
+            put_record(&mut buf, &payload);
+            at += (HEADER_BYTES + payload.len()) as u64;
+            // Bounded buffer: written out every few MiB.
+            if buf.len() >= 8 << 20 {
+                self.write_at(&buf, written)?;
+                written += buf.len() as u64;
+                buf.clear();
+            }
+        }
+        self.write_at(&buf, written)?;
+        self.file.sync_data().map_err(|source| self.io(source))?;
+        debug_assert_eq!(written + buf.len() as u64, at);
+        write_durable(&self.path, at)?;
+        *end = at;
+        Ok(refs)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), ArchiveError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .write_all_at(buf, offset)
+            .map_err(|source| self.io(source))
+    }
+
+    fn io(&self, source: io::Error) -> ArchiveError {
+        ArchiveError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// The batch at `r` (validated).
+    pub(crate) fn read(&self, r: ArchiveRef) -> Result<BatchState, ArchiveError> {
+        let mut record = vec![0u8; HEADER_BYTES + r.len as usize];
+        self.file
+            .read_exact_at(&mut record, r.offset)
+            .map_err(|source| self.io(source))?;
+        decode_record(&record).map_err(|reason| ArchiveError::Invalid {
+            path: self.path.clone(),
+            offset: r.offset,
+            reason,
+        })
+    }
+
+    /// Bytes of valid records (metrics, tests).
+    pub(crate) fn bytes(&self) -> u64 {
+        *self.end.lock().expect("not poisoned")
+    }
+}
+
+fn durable_path(path: &Path) -> PathBuf {
+    path.with_extension("durable")
+}
+
+/// The recorded durable length (0 when none was recorded yet).
+fn read_durable(path: &Path) -> Result<u64, ArchiveError> {
+    let marker = durable_path(path);
+    let bytes = match std::fs::read(&marker) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(source) => {
+            return Err(ArchiveError::Io {
+                path: marker,
+                source,
+            })
+        }
+    };
+    let valid = bytes.len() == 12
+        && crc32fast::hash(&bytes[0..8]) == u32::from_le_bytes(bytes[8..12].try_into().expect("4"));
+    if !valid {
+        return Err(ArchiveError::Corrupt {
+            path: marker,
+            offset: 0,
+            reason: "the durable-length marker does not validate".into(),
+        });
+    }
+    Ok(u64::from_le_bytes(bytes[0..8].try_into().expect("8 bytes")))
+}
+
+/// Records `len` as durable: temporary file, sync, rename, folder sync.
+fn write_durable(path: &Path, len: u64) -> Result<(), ArchiveError> {
+    let marker = durable_path(path);
+    let tmp = marker.with_extension("durable.tmp");
+    let io_err = |source| ArchiveError::Io {
+        path: marker.clone(),
+        source,
+    };
+    let mut bytes = len.to_le_bytes().to_vec();
+    bytes.extend_from_slice(&crc32fast::hash(&len.to_le_bytes()).to_le_bytes());
+    {
+        let f = File::create(&tmp).map_err(io_err)?;
+        f.write_all_at(&bytes, 0).map_err(io_err)?;
+        f.sync_all().map_err(io_err)?;
+    }
+    std::fs::rename(&tmp, &marker).map_err(io_err)?;
+    sync_dir(marker.parent().expect("in a folder")).map_err(io_err)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Appends one record (header + payload) to `out`.
+fn put_record(out: &mut Vec<u8>, payload: &[u8]) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; 4]);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.push(VERSION);
+    out.extend_from_slice(&[0u8; 7]);
+    out.extend_from_slice(payload);
+    let crc = crc32fast::hash(&out[start + 4..]);
+    out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Validates one whole record (header + payload) and decodes its batch.
+fn decode_record(record: &[u8]) -> Result<BatchState, String> {
+    if record.len() < HEADER_BYTES {
+        return Err(format!("{} bytes, shorter than a header", record.len()));
+    }
+    let crc = u32::from_le_bytes(record[0..4].try_into().expect("4 bytes"));
+    let len = u32::from_le_bytes(record[4..8].try_into().expect("4 bytes")) as usize;
+    if record.len() != HEADER_BYTES + len {
+        return Err(format!("length {len} does not match the record"));
+    }
+    if crc32fast::hash(&record[4..]) != crc {
+        return Err("crc mismatch".into());
+    }
+    if record[8] != VERSION || record[9..16].iter().any(|&b| b != 0) {
+        return Err(format!("unknown record version {}", record[8]));
+    }
+    // rkyv's root sits at the end of the buffer: the exact payload, copied aligned.
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(len);
+    aligned.extend_from_slice(&record[HEADER_BYTES..]);
+    rkyv::from_bytes::<BatchState, rkyv::rancor::Error>(&aligned).map_err(|e| e.to_string())
+}
+
+/// Reads every valid record from the start; returns them and the bytes they cover. A bad
+/// record before `durable` (or a file shorter than it) is `Corrupt`; one at or after it
+/// starts a torn tail (the caller decides whether to cut it).
+fn scan(
+    file: &File,
+    path: &Path,
+    durable: u64,
+) -> Result<(Vec<(ArchiveRef, BatchState)>, u64), ArchiveError> {
+    let io_err = |source| ArchiveError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file_len = file.metadata().map_err(io_err)?.len();
+    if file_len < durable {
+        return Err(ArchiveError::Corrupt {
+            path: path.to_path_buf(),
+            offset: file_len,
+            reason: format!("the file ends before its recorded durable length {durable}"),
+        });
+    }
+    let mut out = Vec::new();
+    let mut at = 0u64;
+    let mut header = [0u8; HEADER_BYTES];
+    // Bounded by the file's length: every step moves `at` forward by a whole record.
+    while at < file_len {
+        let bad = |reason: String| (at, reason);
+        let step = (|| -> Result<(ArchiveRef, BatchState), (u64, String)> {
+            if file_len - at < HEADER_BYTES as u64 {
+                return Err(bad("a partial header".into()));
+            }
+            file.read_exact_at(&mut header, at)
+                .map_err(|e| bad(e.to_string()))?;
+            let len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as u64;
+            if len > RECORD_BYTES_MAX || len > file_len - at - HEADER_BYTES as u64 {
+                return Err(bad(format!("length {len} runs past the end")));
+            }
+            let mut record = vec![0u8; HEADER_BYTES + len as usize];
+            read_chunked(file, &mut record, at).map_err(|e| bad(e.to_string()))?;
+            let state = decode_record(&record).map_err(bad)?;
+            Ok((
+                ArchiveRef {
+                    offset: at,
+                    len: len as u32,
+                },
+                state,
+            ))
+        })();
+        match step {
+            Ok((r, state)) => {
+                at += HEADER_BYTES as u64 + u64::from(r.len);
+                out.push((r, state));
+            }
+            Err((offset, reason)) => {
+                if offset < durable {
+                    return Err(ArchiveError::Corrupt {
+                        path: path.to_path_buf(),
+                        offset,
+                        reason,
+                    });
+                }
+                return Ok((out, offset));
+            }
+        }
+    }
+    Ok((out, at))
+}
+
+fn read_chunked(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = (buf.len() - done).min(SCAN_CHUNK_BYTES);
+        file.read_exact_at(&mut buf[done..done + n], offset + done as u64)?;
+        done += n;
+    }
+    Ok(())
+}
