@@ -421,6 +421,7 @@ impl Engine {
             provider_stats: Arc::default(),
             outbox: Arc::clone(&engine.inner.outbox),
             archive: Arc::new(archive),
+            recent_large: Default::default(),
         });
         let _ = engine.inner.batches.set(ctx);
         *engine.inner.workers.lock().expect("not poisoned") = Some(workers);

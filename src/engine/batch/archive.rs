@@ -46,6 +46,8 @@ const VERSION: u8 = 1;
 /// Largest payload accepted when reading: far above a batch at the largest plan's item
 /// cap, and small enough that a damaged length cannot ask for an absurd allocation.
 pub(crate) const RECORD_BYTES_MAX: u64 = 256 << 20;
+/// Appends are written and synced in chunks of about this many bytes.
+const CHUNK_BYTES: usize = 8 << 20;
 /// Reads of the file are made in chunks of at most this (recovery scans).
 const SCAN_CHUNK_BYTES: usize = 1 << 20;
 
@@ -188,9 +190,12 @@ impl BatchArchive {
             });
             put_record(&mut buf, &payload);
             at += (HEADER_BYTES + payload.len()) as u64;
-            // Bounded buffer: written out every few MiB.
-            if buf.len() >= 8 << 20 {
+            // Bounded buffer, written and synced every few MiB: a sync never has more than
+            // that much dirty data to flush, so the log's own syncs, which the file
+            // system's journal can make wait behind it, never wait long.
+            if buf.len() >= CHUNK_BYTES {
                 self.write_at(&buf, written)?;
+                self.file.sync_data().map_err(|source| self.io(source))?;
                 written += buf.len() as u64;
                 buf.clear();
             }

@@ -378,7 +378,21 @@ pub(crate) struct BatchCtx {
     pub outbox: Arc<crate::webhooks::Outbox>,
     /// Finished batches moved out of memory.
     pub archive: Arc<archive::BatchArchive>,
+    /// The last few large archived batches read, newest first: a client paging through a
+    /// 10,000-item batch would otherwise read and decode the whole record for every page.
+    /// At most `RECENT_LARGE_MAX` entries, each at most a plan's item cap.
+    pub recent_large: std::sync::Mutex<std::collections::VecDeque<FinishedCopy>>,
 }
+
+/// A finished batch's state and prompts, shared.
+pub(crate) type FinishedCopy = (Arc<BatchState>, Arc<Expansion>);
+
+/// Archived batches with at least this many items are kept in `recent_large` once read.
+const RECENT_LARGE_ITEMS_MIN: usize = 256;
+/// How many large archived batches stay decoded.
+const RECENT_LARGE_MAX: usize = 4;
+/// Archived records up to this size are read on the calling thread.
+const INLINE_READ_BYTES_MAX: u32 = 64 * 1024;
 
 /// A finished batch: in memory until a snapshot archives it, then only its place.
 pub(crate) enum Finished {
@@ -819,27 +833,54 @@ impl Engine {
         }
     }
 
-    /// A finished batch's state and prompts: from memory, or read from the archive (on the
-    /// blocking pool: a file read). The caller checked the owner.
+    /// A finished batch's state, its prompts when known without work, and whether it came
+    /// from the archive. Small records are read in place (a page-cache read of a few KiB
+    /// costs less than a hand-off to the blocking pool, which a soak showed adding latency
+    /// to every read); larger ones on the blocking pool. The caller checked the owner.
     async fn finished_state(
         &self,
         id: BatchId,
-    ) -> Result<(Arc<BatchState>, Arc<Expansion>, bool), BatchError> {
+    ) -> Result<(Arc<BatchState>, Option<Arc<Expansion>>, bool), BatchError> {
         let ctx = Arc::clone(self.batch_ctx());
         let at = {
             let d = ctx.dir.map.read().expect("not poisoned");
             match d.finished.get(&id).ok_or(BatchError::NotFound)? {
-                Finished::Hot(s, e) => return Ok((Arc::clone(s), Arc::clone(e), false)),
+                Finished::Hot(s, e) => return Ok((Arc::clone(s), Some(Arc::clone(e)), false)),
                 Finished::Cold { at, .. } => *at,
             }
         };
-        let state = tokio::task::spawn_blocking(move || ctx.archive.read(at))
-            .await
-            .map_err(|e| BatchError::Unavailable(e.to_string()))?
-            .map_err(|e| BatchError::Unavailable(e.to_string()))?;
+        {
+            let mut recent = ctx.recent_large.lock().expect("not poisoned");
+            if let Some(i) = recent.iter().position(|(s, _)| s.id == id) {
+                let hit = recent.remove(i).expect("found");
+                recent.push_front(hit.clone());
+                return Ok((hit.0, Some(hit.1), true));
+            }
+        }
+        let state = if at.len <= INLINE_READ_BYTES_MAX {
+            ctx.archive.read(at)
+        } else {
+            let reader = Arc::clone(&ctx);
+            tokio::task::spawn_blocking(move || reader.archive.read(at))
+                .await
+                .map_err(|e| BatchError::Unavailable(e.to_string()))?
+        }
+        .map_err(|e| BatchError::Unavailable(e.to_string()))?;
         assert_eq!(state.id, id, "the archive reference points at its batch");
+        let state = Arc::new(state);
+        if state.items.len() < RECENT_LARGE_ITEMS_MIN {
+            // Prompts are made only if an items page asks for them.
+            return Ok((state, None, true));
+        }
         let expansion = Arc::new(expansion_of(&state.spec));
-        Ok((Arc::new(state), expansion, true))
+        {
+            let mut recent = ctx.recent_large.lock().expect("not poisoned");
+            if !recent.iter().any(|(s, _)| s.id == id) {
+                recent.push_front((Arc::clone(&state), Arc::clone(&expansion)));
+                recent.truncate(RECENT_LARGE_MAX);
+            }
+        }
+        Ok((state, Some(expansion), true))
     }
 
     async fn wait_acked(&self, lsn: u64) -> Result<(), BatchError> {
@@ -878,6 +919,7 @@ impl Engine {
                     return Ok(match read() {
                         Read::View => ReadAnswer::View(Box::new(BatchView::of(&s, s.counts, 0, 0))),
                         Read::Items { from, limit } => {
+                            let exp = exp.unwrap_or_else(|| Arc::new(expansion_of(&s.spec)));
                             ReadAnswer::Items(ItemView::page(&s, &exp, from, limit, |_| false))
                         }
                         Read::Capture => ReadAnswer::Capture(Box::new((*s).clone())),
