@@ -1172,7 +1172,10 @@ impl Engine {
         .map_err(|e| BatchError::Unavailable(e.to_string()))?
         .map_err(|e| BatchError::Unavailable(e.to_string()))?;
         out.extend(read);
-        out.sort_by_key(|b| b.id);
+        // A snapshot running meanwhile may have archived a batch this call also captured
+        // (live or in memory): keep each batch once, its newest copy.
+        out.sort_by(|a, b| a.id.cmp(&b.id).then(b.last_lsn.cmp(&a.last_lsn)));
+        out.dedup_by_key(|b| b.id);
         Ok(out)
     }
 
