@@ -161,8 +161,8 @@ pub enum EngineError {
     #[error(transparent)]
     Batch(#[from] crate::engine::batch::BatchError),
     /// The batch archive could not be opened, read or written.
-    #[error("{0}")]
-    Archive(String),
+    #[error(transparent)]
+    Archive(#[from] crate::engine::batch::archive::ArchiveError),
 }
 
 /// What startup found.
@@ -282,8 +282,7 @@ impl Engine {
             },
         )?;
 
-        let (archive, archived) = batch::archive::BatchArchive::open(&cfg.data_dir)
-            .map_err(|e| EngineError::Archive(e.to_string()))?;
+        let (archive, archived) = batch::archive::BatchArchive::open(&cfg.data_dir)?;
         let mut rebuilt =
             rebuild::Rebuilt::from_snapshot(&cfg, lookup.snapshot.as_ref(), archived)?;
         let from = rebuilt.next_lsn();

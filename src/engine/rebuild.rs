@@ -255,8 +255,7 @@ pub struct Offline {
 /// Reads the data directory `data_dir` as the server would recover it, read-only.
 pub fn load_offline(cfg: &EngineConfig, data_dir: &Path) -> Result<Offline, EngineError> {
     let lookup = wal::find_latest_snapshot(&crate::snapshot_dir(data_dir), cfg.snapshot_bytes_max)?;
-    let archive = crate::engine::batch::archive::BatchArchive::read_only(data_dir)
-        .map_err(|e| EngineError::Archive(e.to_string()))?;
+    let archive = crate::engine::batch::archive::BatchArchive::read_only(data_dir)?;
     let mut r = Rebuilt::from_snapshot(cfg, lookup.snapshot.as_ref(), archive)?;
     let wal_dir = crate::wal_dir(data_dir);
     let (scan, mut replay) = match wal::read_only(&wal_dir, r.next_lsn()) {

@@ -46,10 +46,10 @@ pub use recovery::{
     read_only, scan, Frame, FrameInfo, Problem, ProblemKind, Replay, Scan, SegmentSummary,
     SEGMENT_FILE_BYTES_LIMIT,
 };
-pub use segment::{list_segments, segment_file_name, SEGMENT_HEADER_BYTES};
+pub use segment::{fsync_dir, list_segments, segment_file_name, SEGMENT_HEADER_BYTES};
 pub use snapshot::{
     find_latest_snapshot, latest_snapshot, prune_snapshots, read_snapshot, snapshot_file_name,
-    write_snapshot, Snapshot, SnapshotLookup,
+    write_file_atomic, write_snapshot, Snapshot, SnapshotLookup,
 };
 
 use error::IoContext;

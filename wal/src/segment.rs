@@ -100,7 +100,7 @@ pub(crate) fn decode_header(bytes: &[u8]) -> Result<u64, String> {
 }
 
 /// fsyncs a directory so that renames and unlinks in it are durable.
-pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
+pub fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir).ctx(dir)?.sync_all().ctx(dir)
 }
 

@@ -57,14 +57,13 @@ pub struct SnapshotLookup {
     pub skipped: Vec<(PathBuf, String)>,
 }
 
-/// Bytes of a snapshot written between two syncs of it.
+/// Bytes of a file written atomically between two syncs of it.
 const SNAPSHOT_WRITE_CHUNK_BYTES: usize = 8 << 20;
 
 /// Writes the snapshot of the state at `lsn` atomically and returns its path.
 pub fn write_snapshot(dir: &Path, lsn: u64, payload: &[u8]) -> Result<PathBuf> {
     fs::create_dir_all(dir).ctx(dir)?;
     let path = dir.join(snapshot_file_name(lsn));
-    let tmp = dir.join(format!("{}.tmp", snapshot_file_name(lsn)));
     let mut header = [0u8; SNAPSHOT_HEADER_BYTES];
     header[0..8].copy_from_slice(SNAPSHOT_MAGIC);
     header[8..12].copy_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
@@ -74,6 +73,18 @@ pub fn write_snapshot(dir: &Path, lsn: u64, payload: &[u8]) -> Result<PathBuf> {
     h.update(&header[0..32]);
     h.update(payload);
     header[32..36].copy_from_slice(&h.finalize().to_le_bytes());
+    write_file_atomic(&path, &[&header, payload])?;
+    Ok(path)
+}
+
+/// Writes `parts`, in order, as the whole content of `path`, atomically: a temporary file
+/// `<path>.tmp` is written, synced, renamed over `path`, and the folder synced, so after
+/// a crash `path` holds the old content or the new, never a mix.
+pub fn write_file_atomic(path: &Path, parts: &[&[u8]]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = dir.join(tmp_name);
     {
         let mut f = OpenOptions::new()
             .write(true)
@@ -81,20 +92,25 @@ pub fn write_snapshot(dir: &Path, lsn: u64, payload: &[u8]) -> Result<PathBuf> {
             .truncate(true)
             .open(&tmp)
             .ctx(&tmp)?;
-        f.write_all(&header).ctx(&tmp)?;
         // Written and synced in chunks: a snapshot is hundreds of MB, and one big write
         // left that much dirty data for the filesystem's next journal commit, which the
         // log's own fdatasync then waited behind (a soak saw 200 ms log syncs during
         // snapshot writes). Bounded dirty data keeps the log's syncs short.
-        for chunk in payload.chunks(SNAPSHOT_WRITE_CHUNK_BYTES) {
-            f.write_all(chunk).ctx(&tmp)?;
-            f.sync_data().ctx(&tmp)?;
+        let mut unsynced = 0;
+        for part in parts {
+            for chunk in part.chunks(SNAPSHOT_WRITE_CHUNK_BYTES) {
+                f.write_all(chunk).ctx(&tmp)?;
+                unsynced += chunk.len();
+                if unsynced >= SNAPSHOT_WRITE_CHUNK_BYTES {
+                    f.sync_data().ctx(&tmp)?;
+                    unsynced = 0;
+                }
+            }
         }
         f.sync_all().ctx(&tmp)?;
     }
-    fs::rename(&tmp, &path).ctx(&path)?;
-    fsync_dir(dir)?;
-    Ok(path)
+    fs::rename(&tmp, path).ctx(path)?;
+    fsync_dir(dir)
 }
 
 /// Reads and validates one snapshot file; files above `bytes_max` are refused unread.

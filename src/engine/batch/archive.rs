@@ -17,8 +17,8 @@
 //! leaves those batches out is written; a failed write leaves `end` where it was (the next
 //! append overwrites the partial bytes).
 //!
-//! After every sync the archive's length is recorded in `batches.durable` (written to a
-//! temporary file, synced, renamed, folder synced: old or new, never half):
+//! After every sync the archive's length is recorded in `batches.durable`
+//! (`wal::write_file_atomic`: old or new, never half):
 //! ```text
 //! batches.durable: len u64 | crc32 u32 (of the 8 length bytes)
 //! ```
@@ -45,11 +45,9 @@ const HEADER_BYTES: usize = 16;
 const VERSION: u8 = 1;
 /// Largest payload accepted when reading: far above a batch at the largest plan's item
 /// cap, and small enough that a damaged length cannot ask for an absurd allocation.
-pub(crate) const RECORD_BYTES_MAX: u64 = 256 << 20;
+const RECORD_BYTES_MAX: u64 = 256 << 20;
 /// Appends are written and synced in chunks of about this many bytes.
 const CHUNK_BYTES: usize = 8 << 20;
-/// Reads of the file are made in chunks of at most this (recovery scans).
-const SCAN_CHUNK_BYTES: usize = 1 << 20;
 
 /// Where a finished batch sits in the archive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,8 +68,8 @@ pub enum ArchiveError {
         #[source]
         source: io::Error,
     },
-    /// A record in the middle of the file does not validate (valid records follow).
-    #[error("batch archive {path}: record at offset {offset} is damaged ({reason}) and valid records follow it")]
+    /// Bytes before the recorded synced length (or the marker itself) do not validate.
+    #[error("batch archive {path}: record at offset {offset} is damaged ({reason}), before the synced length")]
     Corrupt {
         path: PathBuf,
         offset: u64,
@@ -84,6 +82,9 @@ pub enum ArchiveError {
         offset: u64,
         reason: String,
     },
+    /// Writing the synced-length marker, or syncing a folder, failed.
+    #[error(transparent)]
+    File(#[from] wal::Error),
 }
 
 /// The archive file of a data directory.
@@ -125,8 +126,8 @@ impl BatchArchive {
             .map_err(io_err)?;
         if created {
             // The new folder's entry must survive a crash like the file's bytes will.
-            sync_dir(data_dir).map_err(io_err)?;
-            sync_dir(dir).map_err(io_err)?;
+            wal::fsync_dir(data_dir)?;
+            wal::fsync_dir(dir)?;
         }
         let durable = read_durable(&path)?;
         let (records, valid_bytes) = scan(&file, &path, durable)?;
@@ -272,27 +273,12 @@ fn read_durable(path: &Path) -> Result<u64, ArchiveError> {
     Ok(u64::from_le_bytes(bytes[0..8].try_into().expect("8 bytes")))
 }
 
-/// Records `len` as durable: temporary file, sync, rename, folder sync.
+/// Records `len` as durable (atomically).
 fn write_durable(path: &Path, len: u64) -> Result<(), ArchiveError> {
-    let marker = durable_path(path);
-    let tmp = marker.with_extension("durable.tmp");
-    let io_err = |source| ArchiveError::Io {
-        path: marker.clone(),
-        source,
-    };
-    let mut bytes = len.to_le_bytes().to_vec();
-    bytes.extend_from_slice(&crc32fast::hash(&len.to_le_bytes()).to_le_bytes());
-    {
-        let f = File::create(&tmp).map_err(io_err)?;
-        f.write_all_at(&bytes, 0).map_err(io_err)?;
-        f.sync_all().map_err(io_err)?;
-    }
-    std::fs::rename(&tmp, &marker).map_err(io_err)?;
-    sync_dir(marker.parent().expect("in a folder")).map_err(io_err)
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    let len_bytes = len.to_le_bytes();
+    let crc = crc32fast::hash(&len_bytes).to_le_bytes();
+    wal::write_file_atomic(&durable_path(path), &[&len_bytes, &crc])?;
+    Ok(())
 }
 
 /// Appends one record (header + payload) to `out`.
@@ -351,57 +337,48 @@ fn scan(
     }
     let mut out = Vec::new();
     let mut at = 0u64;
-    let mut header = [0u8; HEADER_BYTES];
     // Bounded by the file's length: every step moves `at` forward by a whole record.
     while at < file_len {
-        let bad = |reason: String| (at, reason);
-        let step = (|| -> Result<(ArchiveRef, BatchState), (u64, String)> {
-            if file_len - at < HEADER_BYTES as u64 {
-                return Err(bad("a partial header".into()));
-            }
-            file.read_exact_at(&mut header, at)
-                .map_err(|e| bad(e.to_string()))?;
-            let len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as u64;
-            if len > RECORD_BYTES_MAX || len > file_len - at - HEADER_BYTES as u64 {
-                return Err(bad(format!("length {len} runs past the end")));
-            }
-            let mut record = vec![0u8; HEADER_BYTES + len as usize];
-            read_chunked(file, &mut record, at).map_err(|e| bad(e.to_string()))?;
-            let state = decode_record(&record).map_err(bad)?;
-            Ok((
-                ArchiveRef {
-                    offset: at,
-                    len: len as u32,
-                },
-                state,
-            ))
-        })();
-        match step {
+        match read_record_at(file, at, file_len) {
             Ok((r, state)) => {
                 at += HEADER_BYTES as u64 + u64::from(r.len);
                 out.push((r, state));
             }
-            Err((offset, reason)) => {
-                if offset < durable {
-                    return Err(ArchiveError::Corrupt {
-                        path: path.to_path_buf(),
-                        offset,
-                        reason,
-                    });
-                }
-                return Ok((out, offset));
+            Err(reason) if at < durable => {
+                return Err(ArchiveError::Corrupt {
+                    path: path.to_path_buf(),
+                    offset: at,
+                    reason,
+                });
             }
+            Err(_) => return Ok((out, at)),
         }
     }
     Ok((out, at))
 }
 
-fn read_chunked(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let n = (buf.len() - done).min(SCAN_CHUNK_BYTES);
-        file.read_exact_at(&mut buf[done..done + n], offset + done as u64)?;
-        done += n;
+/// The record starting at `at` of a file of `file_len` bytes, validated.
+fn read_record_at(file: &File, at: u64, file_len: u64) -> Result<(ArchiveRef, BatchState), String> {
+    let rest = file_len - at;
+    if rest < HEADER_BYTES as u64 {
+        return Err("a partial header".into());
     }
-    Ok(())
+    let mut header = [0u8; HEADER_BYTES];
+    file.read_exact_at(&mut header, at)
+        .map_err(|e| e.to_string())?;
+    let len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as u64;
+    if len > RECORD_BYTES_MAX || len > rest - HEADER_BYTES as u64 {
+        return Err(format!("length {len} runs past the end"));
+    }
+    let mut record = vec![0u8; HEADER_BYTES + len as usize];
+    file.read_exact_at(&mut record, at)
+        .map_err(|e| e.to_string())?;
+    let state = decode_record(&record)?;
+    Ok((
+        ArchiveRef {
+            offset: at,
+            len: len as u32,
+        },
+        state,
+    ))
 }
