@@ -4,10 +4,13 @@
 //! `BENCH_DIR` scratch directory on the disk under test, default `target/bench-scratch`;
 //! `BENCH_IDLE_TENANTS`, default 100000; `BENCH_ARBITERS` overrides the arbiter count,
 //! default one per core; `BENCH_ONLY`, a comma-separated subset of
-//! `idle,baseline,spread,hot,none`, runs only those phases — for profiling one phase).
+//! `idle,baseline,pattern,spread,hot,none`, runs only those phases — for profiling one phase).
 //!
 //! Measures, with 256 concurrent callers (tokio tasks on a 2-worker runtime):
-//! 1. the baseline: raw WAL appends (`sync`) of the wallet's mean record size;
+//! 1. the baselines: raw WAL appends (`sync`) of the wallet's mean record size; the bare
+//!    actor pattern over 10,000 tenants (an actor per tenant that only appends and hands
+//!    back durability), as a reply plus a durability handle, and with the caller's
+//!    ticket (the shape the engine uses) — the ceilings the wallet logic sits on;
 //! 2. durable hold+settle pairs spread over 10,000 tenants (`sync`);
 //! 3. the same on one hot tenant (`sync`);
 //! 4. the same over 10,000 tenants with durability `none` (the engine's CPU ceiling);
@@ -226,6 +229,140 @@ fn hold_settle(
     }
 }
 
+/// The design's bare pattern, as the ceiling the wallet sits on: one actix actor per
+/// tenant over one arbiter per core; the handler appends a fixed record of the wallet's
+/// size and returns the durability handle; the caller awaits the reply, then the handle.
+/// No wallet logic (no decide/apply, no ledger, no hash chain).
+mod pattern {
+    use actix::{Actor, Addr, Context, Handler, Message};
+
+    pub struct Tenant {
+        pub wal: wal::Wal,
+        pub payload: Vec<u8>,
+    }
+    impl Actor for Tenant {
+        type Context = Context<Self>;
+    }
+    pub struct Op;
+    impl Message for Op {
+        type Result = Result<wal::Durable, wal::Error>;
+    }
+    impl Handler<Op> for Tenant {
+        type Result = Result<wal::Durable, wal::Error>;
+        fn handle(&mut self, _: Op, _: &mut Context<Self>) -> Self::Result {
+            self.wal.append(&self.payload)
+        }
+    }
+
+    /// The same append, durability reported to the caller's ticket (sent with
+    /// `try_send`): the engine's `ExecuteAcked` shape, one wake-up per operation.
+    pub struct TicketOp(pub wal::Ticket);
+    impl Message for TicketOp {
+        type Result = ();
+    }
+    impl Handler<TicketOp> for Tenant {
+        type Result = ();
+        fn handle(&mut self, op: TicketOp, _: &mut Context<Self>) {
+            self.wal.append_ticketed(&self.payload, op.0).unwrap();
+        }
+    }
+
+    /// Starts an actix System with `arbiters` arbiters on its own thread and `tenants`
+    /// actors spread over them.
+    pub fn start(
+        wal: &wal::Wal,
+        tenants: usize,
+        arbiters: usize,
+    ) -> (actix::System, Vec<Addr<Tenant>>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runner = actix::System::new();
+            let arbs: Vec<actix::Arbiter> =
+                runner.block_on(async { (0..arbiters).map(|_| actix::Arbiter::new()).collect() });
+            let handles = arbs.iter().map(|a| a.handle()).collect::<Vec<_>>();
+            let system = runner.block_on(async { actix::System::current() });
+            tx.send((system, handles)).unwrap();
+            let _ = runner.run();
+            drop(arbs);
+        });
+        let (system, handles) = rx.recv().unwrap();
+        let addrs = (0..tenants)
+            .map(|t| {
+                let actor = Tenant {
+                    wal: wal.clone(),
+                    payload: vec![0x42; 150],
+                };
+                Tenant::start_in_arbiter(&handles[t % handles.len()], move |ctx| {
+                    ctx.set_mailbox_capacity(1024);
+                    actor
+                })
+            })
+            .collect();
+        (system, addrs)
+    }
+}
+
+/// The bare pattern (see `pattern`) over 10,000 tenants with 256 callers, durable;
+/// `ticketed`: the caller sends a ticket and awaits it (no reply hop).
+fn pattern_baseline(dir: &std::path::Path, ticketed: bool) -> Run {
+    let name = if ticketed {
+        "pattern-ticket"
+    } else {
+        "pattern"
+    };
+    let (wal, _) = wal::Wal::open(dir.join(name), wal::Options::default()).unwrap();
+    let arbiters = std::env::var("BENCH_ARBITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let tenants = 10_000;
+    let (system, addrs) = pattern::start(&wal, tenants, arbiters);
+    let addrs = std::sync::Arc::new(addrs);
+    let rt = runtime();
+    let (ops, hist, elapsed) = drive(&rt, |c, deadline| {
+        let addrs = addrs.clone();
+        async move {
+            let mut h = Histogram::<u64>::new(3).unwrap();
+            let mut n = 0u64;
+            let mut k = 0usize;
+            while Instant::now() < deadline {
+                let t = (c + k * CALLERS) % tenants;
+                k += 1;
+                let t0 = Instant::now();
+                if ticketed {
+                    let (ticket, durable) = wal::Ticket::new();
+                    addrs[t].try_send(pattern::TicketOp(ticket)).unwrap();
+                    assert!(durable.await.unwrap());
+                } else {
+                    addrs[t]
+                        .send(pattern::Op)
+                        .await
+                        .unwrap()
+                        .unwrap()
+                        .await
+                        .unwrap();
+                }
+                h.record(t0.elapsed().as_nanos() as u64).unwrap();
+                n += 1;
+            }
+            (n, h)
+        }
+    });
+    system.stop();
+    let bytes = wal.stats().bytes_written as f64 / ops.max(1) as f64;
+    Run {
+        name: if ticketed {
+            "pattern: actor appends 150 B with caller's ticket (sync)".into()
+        } else {
+            "pattern: actor appends 150 B, caller awaits (sync)".into()
+        },
+        ops,
+        elapsed,
+        hist,
+        wal_bytes_per_op: bytes,
+    }
+}
+
 fn idle_tenants(dir: &std::path::Path, n: u128) -> (f64, f64) {
     let mut cfg = EngineConfig::new(dir.join("idle"));
     cfg.durability = wal::Durability::None;
@@ -243,6 +380,24 @@ fn idle_tenants(dir: &std::path::Path, n: u128) -> (f64, f64) {
     let snap_s = snap_start.elapsed().as_secs_f64();
     rt.block_on(async { engine.shutdown(false).await.unwrap() });
     (per_tenant, snap_s)
+}
+
+/// Deletes what the phases wrote and waits until the disk has written back everything
+/// dirty: otherwise a phase's `fdatasync`s compete with the write-back of the hundreds of
+/// MB the phases before it left in the page cache, and the order of phases decides the
+/// figures.
+fn settle_disk(dir: &std::path::Path) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        std::fs::remove_dir_all(entry.path()).ok();
+    }
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
+/// `run`, after `settle_disk`.
+fn settled(dir: &std::path::Path, run: Run) -> Run {
+    settle_disk(dir);
+    run
 }
 
 /// Whether phase `name` runs (`BENCH_ONLY` unset: all of them).
@@ -265,10 +420,13 @@ fn main() {
         .unwrap_or(100_000);
     if runs("idle") {
         let (per_tenant, snap_s) = idle_tenants(&dir, n);
+        settle_disk(&dir);
         println!("idle tenants: {n}, resident growth {per_tenant:.0} bytes per tenant (target <= 2048); snapshot of them {snap_s:.2} s");
     }
     // The wallet's records for hold and settle are about this size (measured below).
-    let baseline = runs("baseline").then(|| wal_baseline(&dir, 150));
+    let baseline = runs("baseline").then(|| settled(&dir, wal_baseline(&dir, 150)));
+    let pattern = runs("pattern").then(|| settled(&dir, pattern_baseline(&dir, false)));
+    let pattern_ticket = runs("pattern").then(|| settled(&dir, pattern_baseline(&dir, true)));
     let phases = [
         (
             "spread",
@@ -290,10 +448,12 @@ fn main() {
         ),
     ];
     baseline.iter().for_each(Run::print);
+    pattern.iter().for_each(Run::print);
+    pattern_ticket.iter().for_each(Run::print);
     let mut rates = Vec::new();
     for (key, name, tenants, durability) in phases {
         if runs(key) {
-            let run = hold_settle(&dir, name, tenants, durability);
+            let run = settled(&dir, hold_settle(&dir, name, tenants, durability));
             run.print();
             rates.push((key, run.rate()));
         }
@@ -303,6 +463,19 @@ fn main() {
     if let Some(base) = &baseline {
         for (key, rate) in &rates {
             println!("ratio {key} / raw WAL baseline: {:.2}", rate / base.rate());
+        }
+    }
+    if let Some(pat) = &pattern {
+        for (key, rate) in &rates {
+            println!("ratio {key} / bare actor pattern: {:.2}", rate / pat.rate());
+        }
+    }
+    if let Some(pat) = &pattern_ticket {
+        for (key, rate) in &rates {
+            println!(
+                "ratio {key} / bare actor pattern with tickets: {:.2}",
+                rate / pat.rate()
+            );
         }
     }
     for (key, rate) in &rates {

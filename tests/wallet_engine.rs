@@ -1051,3 +1051,76 @@ fn statement_is_right_when_callers_race_the_clock() {
         );
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// The command path: a full mailbox waits for room; a caller that goes away does not
+// cancel a money operation it handed over.
+// ---------------------------------------------------------------------------------------
+
+/// A mailbox of 2 and 300 concurrent holds on one tenant: the commands that do not fit
+/// wait for room (backpressure) instead of failing, and every one is done exactly once.
+/// Then a caller polled once and dropped: its hold still happens (the command was handed
+/// over with its ticket; a money operation never depends on its caller staying), exactly
+/// once, and a repeat of it finds the original.
+#[test]
+fn full_mailbox_waits_and_dropped_callers_do_not_cancel() {
+    use futures_util::FutureExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), None);
+    cfg.mailbox_capacity = 2;
+    let (engine, _) = Engine::open(cfg).unwrap();
+    let rt = runtime();
+    let tenant = TenantId(5);
+    rt.block_on(async {
+        engine.open_wallet(tenant).await.unwrap();
+        run(
+            &engine,
+            tenant,
+            grant("g", GrantKind::Paid, 1_000_000, None),
+        )
+        .await;
+        let tasks: Vec<_> = (0..300u128)
+            .map(|b| {
+                let engine = engine.clone();
+                tokio::spawn(async move { engine.execute(tenant, hold(b + 1, 10)).await })
+            })
+            .collect();
+        for t in tasks {
+            let out = t
+                .await
+                .unwrap()
+                .expect("a full mailbox means wait, not fail");
+            assert_eq!(out.entries.len(), 1);
+            assert_eq!(out.entries[0].kind, EntryKind::Hold);
+        }
+        let entries = ledger(&engine, tenant).await;
+        assert_eq!(count(&entries, EntryKind::Hold), 300);
+        let b = engine.balances(tenant).await.unwrap();
+        assert_eq!((b.available, b.held), (1_000_000 - 3_000, 3_000));
+
+        // Polled once (the command is queued then), then dropped.
+        let abandoned = engine.execute(tenant, hold(9_999, 7));
+        assert!(
+            abandoned.now_or_never().is_none(),
+            "not acknowledged in one poll"
+        );
+        // It completes without its caller; wait (bounded) until the ledger shows it.
+        let mut seen = Vec::new();
+        for _ in 0..500 {
+            seen = ledger(&engine, tenant).await;
+            if seen.iter().any(|e| e.batch == Some(BatchId(9_999))) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let held: Vec<_> = seen
+            .iter()
+            .filter(|e| e.batch == Some(BatchId(9_999)))
+            .collect();
+        assert_eq!(held.len(), 1, "the abandoned hold happened once");
+        let again = run(&engine, tenant, hold(9_999, 7)).await;
+        assert_eq!(&again.entries[0], held[0], "a repeat returns the original");
+        assert_eq!(count(&ledger(&engine, tenant).await, EntryKind::Hold), 301);
+        engine.check_invariants().await.unwrap();
+    });
+}

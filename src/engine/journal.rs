@@ -61,6 +61,15 @@ pub(crate) fn append(wal: &wal::Wal, record: &Record) -> Result<wal::Durable, wa
     with_encoded(record, |payload| wal.append(payload))
 }
 
+/// As `append`, reporting durability to the ticket's `Ticketed` future. Returns the LSN.
+pub(crate) fn append_ticketed(
+    wal: &wal::Wal,
+    record: &Record,
+    ticket: wal::Ticket,
+) -> Result<u64, wal::Error> {
+    with_encoded(record, |payload| wal.append_ticketed(payload, ticket))
+}
+
 /// Encoding buffers this large or larger are not kept for reuse (a rare big record must
 /// not pin its memory on the thread).
 const SCRATCH_KEEP_BYTES_MAX: usize = 64 * 1024;

@@ -575,9 +575,20 @@ impl Engine {
         tenant: TenantId,
         cmd: WalletCommand,
     ) -> Result<WalletOutcome, WalletError> {
-        let (outcome, unacked) = self.execute_unacked(tenant, cmd).await?;
-        unacked.wait().await?;
-        Ok(outcome)
+        // Queued under the directory's read lock (no `Addr` clone: two allocations in
+        // actix); only a full mailbox takes a clone, to wait for room outside the lock.
+        let (acked, unsent) = {
+            let dir = self.inner.wallets.read().expect("not poisoned");
+            let w = dir.get(&tenant).ok_or(WalletError::UnknownWallet)?;
+            let (sent, acked) = wallet::actor::send_acked(&w.addr, cmd);
+            (acked, sent.err().flatten().map(|msg| (w.addr.clone(), msg)))
+        };
+        let gauge = &self.inner.wallet_ops_in_flight;
+        gauge.fetch_add(1, Ordering::Relaxed);
+        let r = acked.finish(&self.inner.wal, unsent).await;
+        gauge.fetch_sub(1, Ordering::Relaxed);
+        let (entries, balances) = r?;
+        Ok(WalletOutcome { entries, balances })
     }
 
     /// Runs a wallet command without waiting for its acknowledgement: the outcome is not

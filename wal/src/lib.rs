@@ -197,6 +197,38 @@ impl Future for Durable {
     }
 }
 
+/// The right to report one append's durability to a `Ticketed` future, made before the
+/// append exists (`Ticket::new`). Why: the party that awaits durability need not be the
+/// one that appends. A caller hands the ticket to an actor along with its request; the
+/// actor appends with it (`Wal::append_ticketed`) and the caller awaits one future, woken
+/// once, when the frame is durable: no reply hop between appending and awaiting.
+pub struct Ticket(oneshot::Sender<Result<()>>);
+
+impl Ticket {
+    /// A ticket and the future that resolves when an append made with it is durable.
+    pub fn new() -> (Ticket, Ticketed) {
+        let (tx, rx) = oneshot::channel();
+        (Ticket(tx), Ticketed(rx))
+    }
+}
+
+/// Resolves `Ok(true)` once the append made with its `Ticket` is durable (per the mode),
+/// `Ok(false)` if the ticket was dropped without a successful append, or the error that
+/// poisoned the log first. Appends complete in LSN order, so `Ok(true)` also covers every
+/// earlier LSN.
+#[must_use = "an append is acknowledged only once its Ticketed resolves"]
+pub struct Ticketed(oneshot::Receiver<Result<()>>);
+
+impl Future for Ticketed {
+    type Output = Result<bool>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|r| match r {
+            Ok(r) => r.map(|()| true),
+            Err(_) => Ok(false),
+        })
+    }
+}
+
 /// A handle to an open log; clones share it. The writer thread stops (after draining and a
 /// final sync) when the last clone is dropped or `close` is called.
 #[derive(Clone)]
@@ -359,14 +391,23 @@ impl Wal {
     /// Appends `payload`, blocking while the pending queue is full. Returns at once with
     /// the frame's LSN inside a `Durable` that resolves when the frame is durable.
     pub fn append(&self, payload: &[u8]) -> Result<Durable> {
-        let (lsn, rx) = self.shared().append(payload, true)?;
+        let (tx, rx) = oneshot::channel();
+        let lsn = self.shared().append(payload, true, tx)?;
         Ok(Durable { lsn, rx })
     }
 
     /// Like `append`, but fails with `Error::QueueFull` instead of blocking.
     pub fn try_append(&self, payload: &[u8]) -> Result<Durable> {
-        let (lsn, rx) = self.shared().append(payload, false)?;
+        let (tx, rx) = oneshot::channel();
+        let lsn = self.shared().append(payload, false, tx)?;
         Ok(Durable { lsn, rx })
+    }
+
+    /// Like `append`, but the append's durability is reported to the `Ticketed` future made
+    /// with `ticket` (by whoever holds it) instead of a new `Durable`. Returns the LSN. If
+    /// the append is refused, the ticket is dropped and its `Ticketed` resolves `Ok(false)`.
+    pub fn append_ticketed(&self, payload: &[u8], ticket: Ticket) -> Result<u64> {
+        self.shared().append(payload, true, ticket.0)
     }
 
     /// Replays every frame with LSN ≥ `from_lsn` that was written when this is called.

@@ -144,12 +144,9 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Encodes `payload` into the pending batch and returns its LSN and completion.
-    pub(crate) fn append(
-        &self,
-        payload: &[u8],
-        block: bool,
-    ) -> Result<(u64, oneshot::Receiver<Result<()>>)> {
+    /// Encodes `payload` into the pending batch and returns its LSN; `waiter` is completed
+    /// once the frame is durable (dropped unsent if the append is refused).
+    pub(crate) fn append(&self, payload: &[u8], block: bool, waiter: Waiter) -> Result<u64> {
         if payload.len() > self.payload_bytes_max as usize {
             return Err(Error::PayloadTooLarge {
                 len: payload.len(),
@@ -164,7 +161,6 @@ impl Shared {
             h
         });
         let frame_bytes = FRAME_HEADER_BYTES + payload.len();
-        let (tx, rx) = oneshot::channel();
 
         let mut st = self.lock();
         loop {
@@ -208,7 +204,7 @@ impl Shared {
         }
         let piece = batch.pieces.last_mut().expect("a piece exists");
         frame::encode_into(&mut piece.bytes, lsn, payload, payload_crc.as_ref());
-        batch.waiters.push(tx);
+        batch.waiters.push(waiter);
         batch.bytes += frame_bytes;
         batch.last_lsn = lsn;
         st.segment_bytes = if rotate {
@@ -223,7 +219,7 @@ impl Shared {
         if wake {
             self.work.notify_one();
         }
-        Ok((lsn, rx))
+        Ok(lsn)
     }
 
     /// Marks the log poisoned and fails every waiter that is not yet complete (through the

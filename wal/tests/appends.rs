@@ -158,6 +158,67 @@ fn durable_handles_are_futures() {
     assert_eq!(set, (1..=256).collect());
 }
 
+/// Tickets: an append made with a ticket resolves its `Ticketed` (held elsewhere) once
+/// durable, in LSN order with plain appends; a ticket dropped unused, or whose append is
+/// refused, resolves `Ok(false)`; a failed fsync resolves it with the poison.
+#[test]
+fn ticketed_appends_report_to_their_futures() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Arc::new(FaultInjector::new());
+    let opts = Options {
+        faults: Some(faults.clone()),
+        payload_bytes_max: 1024,
+        ..Options::default()
+    };
+    let (wal, _) = Wal::open(dir.path(), opts).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // The appends happen on other threads, the awaiting here: as an actor would.
+        let mut waits = Vec::new();
+        let mut appenders = Vec::new();
+        for i in 0..64u32 {
+            let (ticket, ticketed) = wal::Ticket::new();
+            let wal = wal.clone();
+            appenders.push(std::thread::spawn(move || {
+                if i % 2 == 0 {
+                    wal.append_ticketed(&i.to_le_bytes(), ticket).unwrap()
+                } else {
+                    let lsn = wal.append(&i.to_le_bytes()).unwrap().wait().unwrap();
+                    drop(ticket);
+                    lsn
+                }
+            }));
+            waits.push((i, ticketed));
+        }
+        let lsns: Vec<u64> = appenders.into_iter().map(|t| t.join().unwrap()).collect();
+        for (i, ticketed) in waits {
+            let durable = ticketed.await.unwrap();
+            assert_eq!(durable, i % 2 == 0, "ticket {i}");
+            if durable {
+                // Durable: so is everything up to its LSN (the acknowledged watermark
+                // follows once the whole group's waiters are resolved).
+                assert!(wal.durable_lsn() >= lsns[i as usize]);
+            }
+        }
+        // Refused (too large): the ticket is dropped, its future says no append.
+        let (ticket, ticketed) = wal::Ticket::new();
+        assert!(matches!(
+            wal.append_ticketed(&[0u8; 2048], ticket),
+            Err(Error::PayloadTooLarge { .. })
+        ));
+        assert!(!ticketed.await.unwrap());
+        // A failed fsync reaches the ticket's future as the poison.
+        faults.fail_next_sync();
+        let (ticket, ticketed) = wal::Ticket::new();
+        wal.append_ticketed(b"doomed", ticket).unwrap();
+        assert!(matches!(ticketed.await, Err(Error::Poisoned(_))));
+    });
+    let frames = replay_all(&wal, 1);
+    assert!(frames.len() >= 64);
+}
+
 /// A tiny queue bound forces appenders to block; everything still completes, in order.
 #[test]
 fn bounded_queue_backpressure() {
