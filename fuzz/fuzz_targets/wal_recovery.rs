@@ -16,6 +16,8 @@ use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 
+mod input;
+
 /// Segment header: magic, version, reserved, first LSN, crc32 of bytes 0..24, reserved.
 fn segment_header(first_lsn: u64) -> Vec<u8> {
     let mut h = vec![0u8; wal::SEGMENT_HEADER_BYTES];
@@ -47,18 +49,7 @@ fn build(dir: &Path, data: &[u8]) {
         std::fs::write(dir.join(wal::segment_file_name(1)), rest).unwrap();
         return;
     }
-    let mut records = Vec::new();
-    let mut at = 0;
-    while let Some(&len) = rest.get(at) {
-        at += 1;
-        if len == 0xFF {
-            break;
-        }
-        let end = (at + len as usize).min(rest.len());
-        records.push(&rest[at..end]);
-        at = end;
-    }
-    let damage = &rest[at.min(rest.len())..];
+    let (records, damage) = input::records(rest);
     let segments_n = 1 + (shape as usize >> 1) % 3;
     let per = records.len().div_ceil(segments_n).max(1);
     let mut files: Vec<(u64, Vec<u8>)> = Vec::new();
