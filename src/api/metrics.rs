@@ -216,7 +216,7 @@ impl Metrics {
         gauge(
             "reelbatch_wallet_mailbox_in_flight",
             "gauge",
-            "Wallet commands sent and not yet answered (mailbox depth, summed).",
+            "Wallet commands sent and not yet done: queued in wallet mailboxes, being handled, or awaiting the log's acknowledgement.",
             e.wallet_ops_in_flight() as f64,
         );
         gauge(

@@ -248,7 +248,8 @@ struct Inner {
     accounts: RwLock<AccountsState>,
     /// Idempotent responses.
     responses: Mutex<ResponseStore>,
-    /// Wallet commands sent and not yet answered (the wallet mailboxes' depth, summed).
+    /// Wallet commands the engine's callers sent and are still waiting on: in a mailbox,
+    /// being handled, or (for `execute`) waiting for the log's acknowledgement.
     wallet_ops_in_flight: AtomicU64,
     /// Webhook endpoints and deliveries; actors emit into it.
     outbox: Arc<Outbox>,
@@ -515,7 +516,7 @@ impl Engine {
         &self.inner.wal
     }
 
-    /// Wallet commands from the API waiting on wallet actors (metrics).
+    /// Wallet commands the engine's callers are waiting on (metrics; see the field).
     pub fn wallet_ops_in_flight(&self) -> u64 {
         self.inner.wallet_ops_in_flight.load(Ordering::Relaxed)
     }
