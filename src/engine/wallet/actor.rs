@@ -301,8 +301,9 @@ pub(crate) struct Acked {
 }
 
 /// Puts `cmd` in the actor's mailbox without waiting (so it may be called under a lock).
-/// `Ok(Ok(()))`: queued; `Ok(Err(msg))`: the mailbox is full, send `msg` with backpressure
-/// (`Acked::finish` does, given the address); `Err`: the actor is gone.
+/// `Ok(())`: queued; `Err(Some(msg))`: the mailbox is full, `msg` must be sent with
+/// backpressure (`Acked::finish` does, given the address); `Err(None)`: the actor is gone
+/// (`finish` then reports the wallet unavailable).
 pub(crate) fn send_acked(
     addr: &actix::Addr<WalletActor>,
     cmd: WalletCommand,
