@@ -578,15 +578,17 @@ impl Engine {
     ) -> Result<WalletOutcome, WalletError> {
         // Queued under the directory's read lock (no `Addr` clone: two allocations in
         // actix); only a full mailbox takes a clone, to wait for room outside the lock.
-        let (acked, unsent) = {
-            let dir = self.inner.wallets.read().expect("not poisoned");
-            let w = dir.get(&tenant).ok_or(WalletError::UnknownWallet)?;
-            let (sent, acked) = wallet::actor::send_acked(&w.addr, cmd);
-            (acked, sent.err().flatten().map(|msg| (w.addr.clone(), msg)))
-        };
+        let acked = self
+            .inner
+            .wallets
+            .read()
+            .expect("not poisoned")
+            .get(&tenant)
+            .map(|w| wallet::actor::send_acked(&w.addr, cmd))
+            .ok_or(WalletError::UnknownWallet)?;
         let gauge = &self.inner.wallet_ops_in_flight;
         gauge.fetch_add(1, Ordering::Relaxed);
-        let r = acked.finish(&self.inner.wal, unsent).await;
+        let r = acked.finish(&self.inner.wal).await;
         gauge.fetch_sub(1, Ordering::Relaxed);
         let (entries, balances) = r?;
         Ok(WalletOutcome { entries, balances })

@@ -285,9 +285,7 @@ pub(crate) async fn execute(
     wal: &wal::Wal,
     cmd: WalletCommand,
 ) -> Result<(Vec<LedgerEntry>, Balances), WalletError> {
-    let (sent, acked) = send_acked(addr, cmd);
-    let unsent = sent.err().flatten().map(|msg| (addr.clone(), msg));
-    acked.finish(wal, unsent).await
+    send_acked(addr, cmd).finish(wal).await
 }
 
 /// An `ExecuteAcked` in the mailbox (or still to be sent: see `send_acked`); `finish`
@@ -298,16 +296,15 @@ pub(crate) struct Acked {
     ticketed: wal::Ticketed,
     /// The outcome, sent by the actor before it drops an unused ticket.
     reply: tokio::sync::oneshot::Receiver<Result<Executed, WalletError>>,
+    /// The message, when the mailbox was full: `finish` sends it with backpressure.
+    unsent: Option<(actix::Addr<WalletActor>, ExecuteAcked)>,
 }
 
 /// Puts `cmd` in the actor's mailbox without waiting (so it may be called under a lock).
-/// `Ok(())`: queued; `Err(Some(msg))`: the mailbox is full, `msg` must be sent with
-/// backpressure (`Acked::finish` does, given the address); `Err(None)`: the actor is gone
-/// (`finish` then reports the wallet unavailable).
-pub(crate) fn send_acked(
-    addr: &actix::Addr<WalletActor>,
-    cmd: WalletCommand,
-) -> (Result<(), Option<ExecuteAcked>>, Acked) {
+/// Only a full mailbox clones the address (two allocations in actix), for `finish` to
+/// wait for room; a stopped actor drops the message, and `finish` reports the wallet
+/// unavailable.
+pub(crate) fn send_acked(addr: &actix::Addr<WalletActor>, cmd: WalletCommand) -> Acked {
     let (ticket, ticketed) = wal::Ticket::new();
     let (tx, reply) = tokio::sync::oneshot::channel();
     let msg = ExecuteAcked {
@@ -315,13 +312,17 @@ pub(crate) fn send_acked(
         ticket,
         reply: tx,
     };
-    let sent = match addr.try_send(msg) {
-        Ok(()) => Ok(()),
-        Err(actix::prelude::SendError::Full(msg)) => Err(Some(msg)),
+    let unsent = match addr.try_send(msg) {
+        Ok(()) => None,
+        Err(actix::prelude::SendError::Full(msg)) => Some((addr.clone(), msg)),
         // Dropped with its reply sender: `finish` reports the actor as unavailable.
-        Err(actix::prelude::SendError::Closed(_)) => Err(None),
+        Err(actix::prelude::SendError::Closed(_)) => None,
     };
-    (sent, Acked { ticketed, reply })
+    Acked {
+        ticketed,
+        reply,
+        unsent,
+    }
 }
 
 impl Acked {
@@ -330,10 +331,9 @@ impl Acked {
     pub(crate) async fn finish(
         self,
         wal: &wal::Wal,
-        unsent: Option<(actix::Addr<WalletActor>, ExecuteAcked)>,
     ) -> Result<(Vec<LedgerEntry>, Balances), WalletError> {
         let unavailable = |e: &dyn std::fmt::Display| WalletError::Unavailable(e.to_string());
-        if let Some((addr, msg)) = unsent {
+        if let Some((addr, msg)) = self.unsent {
             addr.send(msg).await.map_err(|e| unavailable(&e))?;
         }
         // Usually the one wake-up: the log's completion of the ticket.
