@@ -196,4 +196,30 @@ fn replay_after_kill9_and_restart() {
             "stored responses survive snapshots too"
         );
     });
+    // The final snapshot filed both responses in a segment: the image lists only where
+    // they are. After a kill -9 (no snapshot, nothing in the log for them) they are read
+    // back from that file.
+    let segments: Vec<_> = std::fs::read_dir(server.dir.join("archive").join("responses"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(segments.len(), 1, "{segments:?}");
+    server.kill9();
+    server.spawn().expect("restarts after a kill -9");
+    rt.block_on(async {
+        let api = server.api();
+        let again = api.top_up(&t, 5_000, "grant-1").await;
+        assert_eq!(again.text, top.text);
+        assert_eq!(again.header("idempotent-replayed").as_deref(), Some("true"));
+        let batch3 = api
+            .post(&key, "/v1/batches", &batch_body, Some("mk-1"))
+            .await;
+        assert_eq!(batch3.status, 201);
+        assert_eq!(batch3.text, batch.text, "a filed response replays verbatim");
+        let other = json!({"template": "{a} by day", "variables": {"a": ["owl"]}});
+        let reused = api.post(&key, "/v1/batches", &other, Some("mk-1")).await;
+        assert_eq!(reused.status, 422, "{}", reused.text);
+        let w = api.get(&key, "/v1/wallet").await.body;
+        assert_eq!(w["granted"], 5_000, "no second grant");
+    });
 }

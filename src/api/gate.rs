@@ -296,6 +296,10 @@ async fn mutating(
             Problem::key_reused("this Idempotency-Key was used with a different request")
                 .into_response()
         }
+        Begin::Unreadable(_) => Problem::unavailable(
+            "the stored response for this Idempotency-Key cannot be read now; retry later",
+        )
+        .into_response(),
         Begin::Full => {
             Problem::unavailable("too many idempotency keys are remembered; retry later")
                 .into_response()

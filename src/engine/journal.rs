@@ -32,20 +32,20 @@ pub enum JournalError {
 }
 
 /// Puts the version header in front of an rkyv archive (records and snapshot images).
-pub(crate) fn with_header(archive: &[u8]) -> Vec<u8> {
+pub(crate) fn with_header(archive: &[u8], version: u8) -> Vec<u8> {
     let mut out = Vec::with_capacity(RECORD_HEADER_BYTES + archive.len());
-    out.push(RECORD_VERSION);
+    out.push(version);
     out.extend_from_slice(&[0u8; RECORD_HEADER_BYTES - 1]);
     out.extend_from_slice(archive);
     out
 }
 
 /// Checks the version header and returns the (still 16-byte aligned) archive behind it.
-pub(crate) fn archive_of(payload: &[u8]) -> Result<&[u8], JournalError> {
+pub(crate) fn archive_of(payload: &[u8], version: u8) -> Result<&[u8], JournalError> {
     if payload.len() < RECORD_HEADER_BYTES {
         return Err(JournalError::Short(payload.len()));
     }
-    if payload[0] != RECORD_VERSION || payload[1..RECORD_HEADER_BYTES].iter().any(|&b| b != 0) {
+    if payload[0] != version || payload[1..RECORD_HEADER_BYTES].iter().any(|&b| b != 0) {
         return Err(JournalError::Version(payload[0]));
     }
     Ok(&payload[RECORD_HEADER_BYTES..])
@@ -104,7 +104,7 @@ fn with_encoded<R>(record: &Record, f: impl FnOnce(&[u8]) -> R) -> R {
 
 /// Decodes and validates a WAL payload (which must start 16-byte aligned).
 pub fn decode(payload: &[u8]) -> Result<Record, JournalError> {
-    rkyv::from_bytes::<Record, rkyv::rancor::Error>(archive_of(payload)?)
+    rkyv::from_bytes::<Record, rkyv::rancor::Error>(archive_of(payload, RECORD_VERSION)?)
         .map_err(|e| JournalError::Invalid(e.to_string()))
 }
 
@@ -128,7 +128,7 @@ mod tests {
         let bytes = encode(&rec);
         // The reused buffer yields exactly header + the archive encoded on its own.
         let alone = rkyv::to_bytes::<rkyv::rancor::Error>(&rec).unwrap();
-        assert_eq!(bytes, with_header(&alone));
+        assert_eq!(bytes, with_header(&alone, RECORD_VERSION));
         assert_eq!(
             encode(&rec),
             bytes,

@@ -12,16 +12,18 @@
 pub mod accounts;
 pub mod batch;
 pub mod events;
+pub(crate) mod framing;
 pub mod idempotency;
 pub mod journal;
 pub mod rebuild;
 pub mod reconcile;
+pub(crate) mod response_files;
 pub mod scheduler;
 pub mod snapshot;
 pub mod wallet;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -32,7 +34,7 @@ use crate::delivery::access::{AccessEntry, AccessFilter, AccessLog};
 use crate::engine::accounts::AccountsState;
 use crate::engine::batch::{BatchConfig, BatchCtx};
 use crate::engine::events::Record;
-use crate::engine::idempotency::ResponseStore;
+use crate::engine::idempotency::{ResponseStore, StoredResponse};
 use crate::engine::snapshot::EngineImage;
 use crate::engine::wallet::actor::{Read, ReadAnswer, WalletActor};
 use crate::engine::wallet::ledger::LedgerEntry;
@@ -306,6 +308,8 @@ impl Engine {
             events_replayed: replayed,
             ..
         } = rebuilt;
+        let mut responses = responses;
+        responses.attach(&cfg.data_dir)?;
 
         // Holds of batches still running: which items' money the wallet already has.
         let holds: HashMap<crate::ids::BatchId, wallet::state::Hold> = batches
@@ -817,13 +821,13 @@ impl Engine {
         let wallets = self.capture_all().await?;
         let (batches, finished) = self.capture_for_snapshot().await?;
         let accounts = i.accounts.read().expect("not poisoned").clone();
-        let responses = {
+        // Responses stored so far (every one at or below `covered_lsn` among them) go to a
+        // new segment below, after the captures.
+        let due = {
             let mut r = i.responses.lock().expect("not poisoned");
             r.expire(self.now_ms());
-            r.records()
+            r.due_for_filing()
         };
-        // Copied outside the mutex every idempotent request takes.
-        let responses = crate::engine::idempotency::sorted_copies(responses);
         // Last: every event of a record some captured state holds was emitted already.
         let webhooks = i.outbox.image(covered_lsn);
         let (access, access_lsn) = {
@@ -838,6 +842,12 @@ impl Engine {
         // Finished batches go to the archive (synced) before the image that leaves them
         // out is written; their memory is freed now.
         let archived = self.archive_finished(finished).await?;
+        let responses_filed = self.file_responses(due).await?;
+        let (responses, unreferenced) = i
+            .responses
+            .lock()
+            .expect("not poisoned")
+            .image(self.now_ms());
         let bytes = snapshot::encode(&EngineImage {
             covered_lsn,
             wallets,
@@ -851,6 +861,7 @@ impl Engine {
         let snap_dir = crate::snapshot_dir(&i.cfg.data_dir);
         wal::write_snapshot(&snap_dir, covered_lsn, &bytes)?;
         i.wal.drop_segments_below(covered_lsn)?;
+        self.delete_response_segments(unreferenced).await?;
         wal::prune_snapshots(&snap_dir, i.cfg.snapshots_kept.max(1))?;
         i.events_at_last_snapshot.store(appended, Ordering::Relaxed);
         *i.last_snapshot.lock().expect("not poisoned") = Instant::now();
@@ -859,10 +870,70 @@ impl Engine {
             bytes = bytes.len(),
             capture_ms = captured.as_millis() as u64,
             batches_archived = archived,
+            responses_filed,
             total_ms = started.elapsed().as_millis() as u64,
             "snapshot written"
         );
         Ok(covered_lsn)
+    }
+
+    /// Writes the responses due for filing to their segment (off the async threads) and
+    /// points their slots at it; returns how many were written.
+    async fn file_responses(
+        &self,
+        due: Option<(u32, Vec<Arc<StoredResponse>>)>,
+    ) -> Result<usize, EngineError> {
+        let Some((segment, records)) = due else {
+            return Ok(0);
+        };
+        let Some(dir) = self
+            .inner
+            .responses
+            .lock()
+            .expect("not poisoned")
+            .dir()
+            .map(Path::to_path_buf)
+        else {
+            return Ok(0);
+        };
+        let (records, refs) = tokio::task::spawn_blocking(move || {
+            let refs = response_files::write_segment(&dir, segment, &records);
+            (records, refs)
+        })
+        .await
+        .map_err(|e| EngineError::System(e.to_string()))?;
+        let refs = refs?;
+        self.inner
+            .responses
+            .lock()
+            .expect("not poisoned")
+            .filed(segment, &records, &refs);
+        Ok(records.len())
+    }
+
+    /// Deletes response segments no durable image references any more.
+    async fn delete_response_segments(&self, segments: Vec<u32>) -> Result<(), EngineError> {
+        let dir = self
+            .inner
+            .responses
+            .lock()
+            .expect("not poisoned")
+            .dir()
+            .map(Path::to_path_buf);
+        let (Some(dir), false) = (dir, segments.is_empty()) else {
+            return Ok(());
+        };
+        let segments = tokio::task::spawn_blocking(move || {
+            response_files::delete(&dir, &segments).map(|()| segments)
+        })
+        .await
+        .map_err(|e| EngineError::System(e.to_string()))??;
+        self.inner
+            .responses
+            .lock()
+            .expect("not poisoned")
+            .deleted(&segments);
+        Ok(())
     }
 
     /// Stops the engine: optionally a final snapshot, then the log is flushed and closed

@@ -106,9 +106,7 @@ impl Rebuilt {
             r.batches.insert(b.id, b);
         }
         r.accounts = image.accounts;
-        for resp in image.responses {
-            r.responses.insert(resp, boot_ms);
-        }
+        r.responses.restore(image.responses, boot_ms);
         r.hooks = OutboxState::from_image(image.webhooks, hook_limits);
         r.access.restore(image.access, image.access_lsn);
         r.snapshot_lsn = Some(snap.lsn);

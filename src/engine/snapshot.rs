@@ -11,10 +11,16 @@
 use crate::delivery::access::AccessEntry;
 use crate::engine::accounts::AccountsState;
 use crate::engine::batch::state::BatchState;
-use crate::engine::idempotency::StoredResponse;
+use crate::engine::idempotency::FiledResponse;
 use crate::engine::journal::{archive_of, with_header, JournalError};
 use crate::engine::wallet::state::WalletState;
 use crate::webhooks::state::OutboxImage;
+
+/// Version of the image encoding (the header's first byte). 3: everything up to the
+/// batch archive (images shared the log records' version until then); 4: stored
+/// responses listed by where they are filed, their bodies in the response segments. An
+/// image of another version is refused: startup fails with the version named.
+pub const IMAGE_VERSION: u8 = 4;
 
 /// The engine's state at a point in the log.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -27,8 +33,9 @@ pub struct EngineImage {
     pub batches: Vec<BatchState>,
     /// Tenants and keys (with their own `last_lsn`).
     pub accounts: AccountsState,
-    /// Stored idempotent responses still within retention.
-    pub responses: Vec<StoredResponse>,
+    /// Stored idempotent responses still within retention: where each one is in the
+    /// response segments (their bodies are never in the image).
+    pub responses: Vec<FiledResponse>,
     /// Webhook endpoints and deliveries (captured after every wallet and batch).
     pub webhooks: OutboxImage,
     /// The access log's entries kept in memory, and the LSN of the last one.
@@ -40,13 +47,14 @@ pub struct EngineImage {
 pub fn encode(image: &EngineImage) -> Vec<u8> {
     let archive =
         rkyv::to_bytes::<rkyv::rancor::Error>(image).expect("serializing an image cannot fail");
-    with_header(&archive)
+    with_header(&archive, IMAGE_VERSION)
 }
 
 /// Decodes and validates an image (payload 16-byte aligned).
 pub fn decode(payload: &[u8]) -> Result<EngineImage, JournalError> {
-    let mut image = rkyv::from_bytes::<EngineImage, rkyv::rancor::Error>(archive_of(payload)?)
-        .map_err(|e| JournalError::Invalid(e.to_string()))?;
+    let mut image =
+        rkyv::from_bytes::<EngineImage, rkyv::rancor::Error>(archive_of(payload, IMAGE_VERSION)?)
+            .map_err(|e| JournalError::Invalid(e.to_string()))?;
     // Fields derived from the grants are not archived.
     for w in &mut image.wallets {
         w.restore_derived();

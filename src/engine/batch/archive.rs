@@ -5,9 +5,7 @@
 //!
 //! ```text
 //! File: <data>/archive/batches, a sequence of records, nothing else.
-//! Record: crc32 u32 (of bytes 4.. of the record) | len u32 (payload bytes) |
-//!         version u8 = 1 | 7 reserved zero bytes | payload: rkyv BatchState (16-aligned
-//!         within the record; copied into an AlignedVec before validated access)
+//! Record: the engine's archive framing (`engine::framing`) around an rkyv BatchState.
 //! ```
 //!
 //! Who writes: only the snapshot (one at a time, under the engine's snapshot lock), and
@@ -39,10 +37,8 @@ use std::sync::Mutex;
 
 use crate::engine::batch::state::BatchState;
 
-/// Record header bytes (crc, len, version, reserved).
-const HEADER_BYTES: usize = 16;
-/// Format of a record.
-const VERSION: u8 = 1;
+use crate::engine::framing::{self, HEADER_BYTES};
+
 /// Largest payload accepted when reading: far above a batch at the largest plan's item
 /// cap, and small enough that a damaged length cannot ask for an absurd allocation.
 const RECORD_BYTES_MAX: u64 = 256 << 20;
@@ -62,21 +58,21 @@ pub(crate) struct ArchiveRef {
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
     /// The file system refused.
-    #[error("batch archive {path}: {source}")]
+    #[error("archive file {path}: {source}")]
     Io {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
     /// Bytes before the recorded synced length (or the marker itself) do not validate.
-    #[error("batch archive {path}: record at offset {offset} is damaged ({reason}), before the synced length")]
+    #[error("archive file {path}: record at offset {offset} is damaged ({reason}), before the synced length")]
     Corrupt {
         path: PathBuf,
         offset: u64,
         reason: String,
     },
     /// A record that an in-memory reference points at does not validate.
-    #[error("batch archive {path}: record at offset {offset}: {reason}")]
+    #[error("archive file {path}: record at offset {offset}: {reason}")]
     Invalid {
         path: PathBuf,
         offset: u64,
@@ -189,7 +185,7 @@ impl BatchArchive {
                 offset: at,
                 len: payload.len() as u32,
             });
-            put_record(&mut buf, &payload);
+            framing::put(&mut buf, &payload);
             at += (HEADER_BYTES + payload.len()) as u64;
             // Bounded buffer, written and synced every few MiB: a sync never has more than
             // that much dirty data to flush, so the log's own syncs, which the file
@@ -281,37 +277,9 @@ fn write_durable(path: &Path, len: u64) -> Result<(), ArchiveError> {
     Ok(())
 }
 
-/// Appends one record (header + payload) to `out`.
-fn put_record(out: &mut Vec<u8>, payload: &[u8]) {
-    let start = out.len();
-    out.extend_from_slice(&[0u8; 4]);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.push(VERSION);
-    out.extend_from_slice(&[0u8; 7]);
-    out.extend_from_slice(payload);
-    let crc = crc32fast::hash(&out[start + 4..]);
-    out[start..start + 4].copy_from_slice(&crc.to_le_bytes());
-}
-
 /// Validates one whole record (header + payload) and decodes its batch.
 fn decode_record(record: &[u8]) -> Result<BatchState, String> {
-    if record.len() < HEADER_BYTES {
-        return Err(format!("{} bytes, shorter than a header", record.len()));
-    }
-    let crc = u32::from_le_bytes(record[0..4].try_into().expect("4 bytes"));
-    let len = u32::from_le_bytes(record[4..8].try_into().expect("4 bytes")) as usize;
-    if record.len() != HEADER_BYTES + len {
-        return Err(format!("length {len} does not match the record"));
-    }
-    if crc32fast::hash(&record[4..]) != crc {
-        return Err("crc mismatch".into());
-    }
-    if record[8] != VERSION || record[9..16].iter().any(|&b| b != 0) {
-        return Err(format!("unknown record version {}", record[8]));
-    }
-    // rkyv's root sits at the end of the buffer: the exact payload, copied aligned.
-    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(len);
-    aligned.extend_from_slice(&record[HEADER_BYTES..]);
+    let aligned = framing::payload(record)?;
     rkyv::from_bytes::<BatchState, rkyv::rancor::Error>(&aligned).map_err(|e| e.to_string())
 }
 
@@ -366,7 +334,7 @@ fn read_record_at(file: &File, at: u64, file_len: u64) -> Result<(ArchiveRef, Ba
     let mut header = [0u8; HEADER_BYTES];
     file.read_exact_at(&mut header, at)
         .map_err(|e| e.to_string())?;
-    let len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as u64;
+    let len = framing::announced_len(&header);
     if len > RECORD_BYTES_MAX || len > rest - HEADER_BYTES as u64 {
         return Err(format!("length {len} runs past the end"));
     }
