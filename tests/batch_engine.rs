@@ -169,7 +169,7 @@ fn ten_thousand_items_pay_only_for_success() {
             "{code}"
         );
         // The wallet's ledger: one settle per succeeded item, one release per failed one.
-        let st = engine.wallet_state(t).await.unwrap();
+        let st = engine.wallet_state_expanded(t).await.unwrap();
         let settles = st
             .ledger
             .iter()
@@ -609,7 +609,7 @@ fn restarts_mid_batch_never_charge_twice() {
             assert_paid_for_success(&v);
         }
         engine.check_invariants().await.unwrap();
-        let st = engine.wallet_state(t).await.unwrap();
+        let st = engine.wallet_state_expanded(t).await.unwrap();
         verify_chain(t, &st.ledger).unwrap();
         let mut seen = std::collections::HashSet::new();
         for e in &st.ledger {

@@ -194,6 +194,12 @@ impl Metrics {
             "Bytes of valid records in the batch archive.",
             archive_bytes as f64,
         );
+        gauge(
+            "reelbatch_ledger_history_bytes",
+            "gauge",
+            "Bytes of valid pages in the wallets' ledger history file (filed entries, read on demand).",
+            e.ledger_history_bytes() as f64,
+        );
         let s = e.scheduler_stats();
         gauge(
             "reelbatch_scheduler_permits_outstanding",

@@ -351,6 +351,7 @@ impl Engine {
             events_appended: Arc::clone(&events_appended),
             clock: Arc::clone(&cfg.clock),
             outbox: Arc::clone(&outbox),
+            history: Arc::new(wallet::history::WalletHistory::open(&cfg.data_dir)?),
         });
         let inner = Arc::new(Inner {
             wallet_shared,
@@ -685,10 +686,55 @@ impl Engine {
         after: u64,
         limit: usize,
     ) -> Result<Vec<LedgerEntry>, WalletError> {
-        match self.read(tenant, Read::Ledger { after, limit }).await? {
-            ReadAnswer::Ledger(v) => Ok(v),
-            _ => unreachable!("answer matches the read"),
+        let ReadAnswer::Ledger { filed, memory } =
+            self.read(tenant, Read::Ledger { after, limit }).await?
+        else {
+            unreachable!("answer matches the read")
+        };
+        let mut out = Vec::with_capacity(limit.min(memory.len() + 256 * filed.len()));
+        // Filed pages hold the lower seqs; each is a positional read of one page.
+        for p in &filed {
+            let page = self.read_filed(tenant, p)?;
+            let room = limit.saturating_sub(out.len());
+            out.extend(
+                page.entries
+                    .into_iter()
+                    .filter(|e| e.seq > after)
+                    .take(room),
+            );
         }
+        out.extend(memory);
+        out.truncate(limit);
+        debug_assert!(out.windows(2).all(|w| w[0].seq + 1 == w[1].seq));
+        Ok(out)
+    }
+
+    /// Bytes of the ledger history file (metrics).
+    pub fn ledger_history_bytes(&self) -> u64 {
+        self.inner.wallet_shared.history.bytes()
+    }
+
+    /// A filed ledger page of `tenant`, read back and checked.
+    fn read_filed(
+        &self,
+        tenant: TenantId,
+        page: &wallet::history::FiledPage,
+    ) -> Result<wallet::history::HistoryPage, WalletError> {
+        self.inner
+            .wallet_shared
+            .history
+            .read(tenant, page)
+            .map_err(|e| {
+                tracing::error!(error = %e, "a filed ledger page could not be read back");
+                WalletError::Unavailable(e.to_string())
+            })
+    }
+
+    /// Puts a captured wallet's filed entries back in front of its tail (reconciliation).
+    pub(crate) fn expand_history(&self, w: &mut WalletState) -> Result<(), EngineError> {
+        let history = &self.inner.wallet_shared.history;
+        wallet::history::expand(w, |t, p| history.read(t, p))?;
+        Ok(())
     }
 
     /// Statement for `[from_ms, to_ms)`.
@@ -703,16 +749,54 @@ impl Engine {
             .await?
         {
             ReadAnswer::Statement(s) => Ok(*s),
+            ReadAnswer::StatementParts { filed, memory } => {
+                // Page by page: a long period never holds more than one page read back.
+                let mut failed = None;
+                let read = filed
+                    .iter()
+                    .map_while(|p| match self.read_filed(tenant, p) {
+                        Ok(page) => Some(page.entries),
+                        Err(e) => {
+                            failed = Some(e);
+                            None
+                        }
+                    })
+                    .flatten();
+                let s = wallet::state::statement_of(read.chain(memory), from_ms, to_ms);
+                match failed {
+                    Some(e) => Err(e),
+                    None => Ok(s),
+                }
+            }
             _ => unreachable!("answer matches the read"),
         }
     }
 
-    /// A copy of one wallet's whole state.
+    /// A copy of one wallet's state as held in memory: ledger entries already filed to the
+    /// history file are described by `filed`, not listed (see `wallet_state_expanded`).
     pub async fn wallet_state(&self, tenant: TenantId) -> Result<WalletState, WalletError> {
         match self.read(tenant, Read::Capture).await? {
             ReadAnswer::Capture(s) => Ok(*s),
             _ => unreachable!("answer matches the read"),
         }
+    }
+
+    /// `wallet_state` with every filed entry read back into `ledger` (`filed` is `None`):
+    /// the whole ledger, for audits and tests. Reads the wallet's pages from disk.
+    pub async fn wallet_state_expanded(
+        &self,
+        tenant: TenantId,
+    ) -> Result<WalletState, WalletError> {
+        let mut w = self.wallet_state(tenant).await?;
+        let engine = self.clone();
+        tokio::task::spawn_blocking(move || {
+            engine
+                .expand_history(&mut w)
+                .map(|()| w)
+                .map_err(|e| WalletError::Unavailable(e.to_string()))
+        })
+        .await
+        .map_err(|e| WalletError::Unavailable(e.to_string()))?
     }
 
     /// Tenants with a wallet.
@@ -818,7 +902,7 @@ impl Engine {
         let appended = i.events_appended.load(Ordering::Relaxed);
         // Read before any capture: every event at or below it is in the captured states.
         let covered_lsn = i.wal.next_lsn() - 1;
-        let wallets = self.capture_all().await?;
+        let mut wallets = self.capture_all().await?;
         let (batches, finished) = self.capture_for_snapshot().await?;
         let accounts = i.accounts.read().expect("not poisoned").clone();
         // Responses stored so far (every one at or below `covered_lsn` among them) go to a
@@ -843,6 +927,7 @@ impl Engine {
         // out is written; their memory is freed now.
         let archived = self.archive_finished(finished).await?;
         let responses_filed = self.file_responses(due).await?;
+        let ledger_pages = self.file_ledgers(&mut wallets).await?;
         let (responses, unreferenced) = i
             .responses
             .lock()
@@ -879,6 +964,7 @@ impl Engine {
             capture_ms = captured.as_millis() as u64,
             batches_archived = archived,
             responses_filed,
+            ledger_pages,
             total_ms = started.elapsed().as_millis() as u64,
             "snapshot written"
         );
@@ -917,6 +1003,55 @@ impl Engine {
             .expect("not poisoned")
             .filed(segment, &records, &refs);
         Ok(records.len())
+    }
+
+    /// Moves the older ledger entries of busy wallets to the history file (synced), then
+    /// out of the snapshot copies and the live wallets; returns the pages written. Runs
+    /// after the log acknowledged everything captured, so no filed entry can be lost.
+    async fn file_ledgers(&self, wallets: &mut [WalletState]) -> Result<usize, EngineError> {
+        let mut pages = Vec::new();
+        let mut which = Vec::new();
+        for (i, w) in wallets.iter().enumerate() {
+            let due = w.due_for_filing();
+            if !due.is_empty() {
+                pages.push(wallet::history::HistoryPage {
+                    tenant: w.tenant,
+                    entries: due.to_vec(),
+                });
+                which.push(i);
+            }
+        }
+        if pages.is_empty() {
+            return Ok(0);
+        }
+        let history = Arc::clone(&self.inner.wallet_shared.history);
+        let filed = tokio::task::spawn_blocking(move || history.append(&pages))
+            .await
+            .map_err(|e| EngineError::System(e.to_string()))??;
+        for (&i, page) in which.iter().zip(&filed) {
+            wallets[i].filed_ledger(*page);
+        }
+        let live: Vec<(Addr<WalletActor>, wallet::history::FiledPage)> = {
+            let dir = self.inner.wallets.read().expect("not poisoned");
+            which
+                .iter()
+                .zip(&filed)
+                .filter_map(|(&i, page)| Some((dir.get(&wallets[i].tenant)?.addr.clone(), *page)))
+                .collect()
+        };
+        // In small chunks, like the captures, so other tenants' requests interleave. A
+        // wallet that misses its message (stopping) keeps the entries in memory and files
+        // them again later: consistent either way.
+        for chunk in live.chunks(CAPTURE_CHUNK_WALLETS) {
+            let pending: Vec<_> = chunk
+                .iter()
+                .map(|(a, page)| a.send(wallet::actor::FileLedger(*page)))
+                .collect();
+            for p in pending {
+                p.await.map_err(|e| EngineError::System(e.to_string()))?;
+            }
+        }
+        Ok(filed.len())
     }
 
     /// Deletes response segments no durable image references any more.

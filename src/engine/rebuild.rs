@@ -269,6 +269,16 @@ pub fn load_offline(cfg: &EngineConfig, data_dir: &Path) -> Result<Offline, Engi
     r.replay(&mut replay)?;
     let mut wallets: Vec<WalletState> = r.wallets.into_values().collect();
     wallets.sort_by_key(|w| w.tenant);
+    // The offline tools see every entry: filed pages go back in front of each tail.
+    if wallets.iter().any(|w| w.filed.is_some()) {
+        let pages = crate::engine::wallet::history::read_all(data_dir)?;
+        for w in &mut wallets {
+            crate::engine::wallet::history::expand(
+                w,
+                crate::engine::wallet::history::from_pages(&pages),
+            )?;
+        }
+    }
     let mut batches: Vec<BatchState> = r.batches.into_values().collect();
     batches.sort_by_key(|b| b.id);
     Ok(Offline {

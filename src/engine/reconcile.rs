@@ -333,7 +333,11 @@ impl crate::engine::Engine {
     /// Reconciles the engine's current state (captured like a snapshot).
     pub async fn reconcile(&self) -> Result<Report, crate::engine::EngineError> {
         let batches = self.capture_batches().await?;
-        let wallets = self.capture_all().await?;
+        let mut wallets = self.capture_all().await?;
+        // Every entry counts: filed pages are read back (O(history), like the checks).
+        for w in &mut wallets {
+            self.expand_history(w)?;
+        }
         let seen: HashSet<BatchId> = batches.iter().map(|b| b.id).collect();
         let young: HashSet<BatchId> = self
             .batch_ids()

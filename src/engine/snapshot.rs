@@ -18,9 +18,10 @@ use crate::webhooks::state::OutboxImage;
 
 /// Version of the image encoding (the header's first byte). 3: everything up to the
 /// batch archive (images shared the log records' version until then); 4: stored
-/// responses listed by where they are filed, their bodies in the response segments. An
-/// image of another version is refused: startup fails with the version named.
-pub const IMAGE_VERSION: u8 = 4;
+/// responses listed by where they are filed, their bodies in the response segments; 5:
+/// wallets carry where their filed ledger pages are (`WalletState::filed`). An image of
+/// another version is refused: startup fails with the version named.
+pub const IMAGE_VERSION: u8 = 5;
 
 /// The engine's state at a point in the log.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]

@@ -88,8 +88,58 @@ pub fn archive_path(data_dir: &Path) -> PathBuf {
     data_dir.join("archive").join("batches")
 }
 
-/// The open archive.
-pub(crate) struct BatchArchive {
+/// A record decoder: validates a whole record (header + payload) and decodes it.
+pub(crate) type Decode<T> = fn(&[u8]) -> Result<T, String>;
+
+/// The open batch archive.
+pub(crate) struct BatchArchive(RecordFile);
+
+impl BatchArchive {
+    /// Opens (or creates) the archive, cuts a torn tail, and returns the valid records'
+    /// states. Fails on damage in the middle.
+    pub(crate) fn open(
+        data_dir: &Path,
+    ) -> Result<(BatchArchive, Vec<(ArchiveRef, BatchState)>), ArchiveError> {
+        let (file, records) = RecordFile::open(data_dir, archive_path(data_dir), decode_record)?;
+        Ok((BatchArchive(file), records))
+    }
+
+    /// Reads the records of a stopped server's archive without changing it (offline tools).
+    /// A missing archive has no records.
+    pub(crate) fn read_only(
+        data_dir: &Path,
+    ) -> Result<Vec<(ArchiveRef, BatchState)>, ArchiveError> {
+        RecordFile::read_only(archive_path(data_dir), decode_record)
+    }
+
+    /// Appends the states (one record each) and syncs. Returns where each one went, in
+    /// order. On error nothing is referenced.
+    pub(crate) fn append_durable(
+        &self,
+        states: &[&BatchState],
+    ) -> Result<Vec<ArchiveRef>, ArchiveError> {
+        let payloads = states.iter().map(|s| {
+            rkyv::to_bytes::<rkyv::rancor::Error>(*s)
+                .expect("serializing a batch cannot fail")
+                .to_vec()
+        });
+        self.0.append_durable(payloads)
+    }
+
+    /// The batch at `r` (validated).
+    pub(crate) fn read(&self, r: ArchiveRef) -> Result<BatchState, ArchiveError> {
+        self.0.read(r, decode_record)
+    }
+
+    /// Bytes of valid records (metrics, tests).
+    pub(crate) fn bytes(&self) -> u64 {
+        self.0.bytes()
+    }
+}
+
+/// An append-only file of framed records with a synced-length marker beside it (the
+/// protocol of the module doc), whatever the records hold.
+pub(crate) struct RecordFile {
     /// Opened read + write; reads and writes are positional, so readers never share a cursor.
     file: File,
     /// For error messages.
@@ -99,18 +149,20 @@ pub(crate) struct BatchArchive {
     end: Mutex<u64>,
 }
 
-impl BatchArchive {
-    /// Opens (or creates) the archive, cuts a torn tail, and returns the valid records'
-    /// states. Fails on damage in the middle.
-    pub(crate) fn open(
+impl RecordFile {
+    /// Opens (or creates) the file at `path` (inside `data_dir`), cuts a torn tail, and
+    /// returns the valid records, decoded. Fails on damage in the middle.
+    pub(crate) fn open<T>(
         data_dir: &Path,
-    ) -> Result<(BatchArchive, Vec<(ArchiveRef, BatchState)>), ArchiveError> {
-        let path = archive_path(data_dir);
+        path: PathBuf,
+        decode: Decode<T>,
+    ) -> Result<(RecordFile, Vec<(ArchiveRef, T)>), ArchiveError> {
         let io_err = |source| ArchiveError::Io {
             path: path.clone(),
             source,
         };
         let dir = path.parent().expect("the archive path has a folder");
+        debug_assert!(dir.starts_with(data_dir));
         let created = !dir.exists();
         std::fs::create_dir_all(dir).map_err(io_err)?;
         let file = OpenOptions::new()
@@ -126,19 +178,19 @@ impl BatchArchive {
             wal::fsync_dir(dir)?;
         }
         let durable = read_durable(&path)?;
-        let (records, valid_bytes) = scan(&file, &path, durable)?;
+        let (records, valid_bytes) = scan(&file, &path, durable, decode)?;
         let len = file.metadata().map_err(io_err)?.len();
         if len > valid_bytes {
             tracing::warn!(
                 path = %path.display(),
                 cut_bytes = len - valid_bytes,
-                "batch archive: torn tail cut"
+                "archive file: torn tail cut"
             );
             file.set_len(valid_bytes).map_err(io_err)?;
             file.sync_data().map_err(io_err)?;
         }
         Ok((
-            BatchArchive {
+            RecordFile {
                 file,
                 path,
                 end: Mutex::new(valid_bytes),
@@ -147,38 +199,36 @@ impl BatchArchive {
         ))
     }
 
-    /// Reads the records of a stopped server's archive without changing it (offline tools).
-    /// A missing archive has no records.
-    pub(crate) fn read_only(
-        data_dir: &Path,
-    ) -> Result<Vec<(ArchiveRef, BatchState)>, ArchiveError> {
-        let path = archive_path(data_dir);
+    /// Reads the records of a stopped server's file without changing it (offline tools).
+    /// A missing file has no records.
+    pub(crate) fn read_only<T>(
+        path: PathBuf,
+        decode: Decode<T>,
+    ) -> Result<Vec<(ArchiveRef, T)>, ArchiveError> {
         let file = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(source) => return Err(ArchiveError::Io { path, source }),
         };
         let durable = read_durable(&path)?;
-        Ok(scan(&file, &path, durable)?.0)
+        Ok(scan(&file, &path, durable, decode)?.0)
     }
 
-    /// Appends the states (one record each) and syncs. Returns where each one went, in
+    /// Appends the payloads (one record each) and syncs. Returns where each one went, in
     /// order. On error nothing is referenced and `end` does not move.
     pub(crate) fn append_durable(
         &self,
-        states: &[&BatchState],
+        payloads: impl ExactSizeIterator<Item = Vec<u8>>,
     ) -> Result<Vec<ArchiveRef>, ArchiveError> {
         let mut end = self.end.lock().expect("not poisoned");
-        let mut refs = Vec::with_capacity(states.len());
+        let mut refs = Vec::with_capacity(payloads.len());
         let mut buf: Vec<u8> = Vec::new();
         let mut at = *end;
         let mut written = *end;
-        for s in states {
-            let payload =
-                rkyv::to_bytes::<rkyv::rancor::Error>(*s).expect("serializing a batch cannot fail");
+        for payload in payloads {
             assert!(
                 (payload.len() as u64) <= RECORD_BYTES_MAX,
-                "a batch record of {} bytes is over the archive's limit",
+                "a record of {} bytes is over the archive's limit",
                 payload.len()
             );
             refs.push(ArchiveRef {
@@ -221,13 +271,13 @@ impl BatchArchive {
         }
     }
 
-    /// The batch at `r` (validated).
-    pub(crate) fn read(&self, r: ArchiveRef) -> Result<BatchState, ArchiveError> {
+    /// The record at `r`, validated and decoded.
+    pub(crate) fn read<T>(&self, r: ArchiveRef, decode: Decode<T>) -> Result<T, ArchiveError> {
         let mut record = vec![0u8; HEADER_BYTES + r.len as usize];
         self.file
             .read_exact_at(&mut record, r.offset)
             .map_err(|source| self.io(source))?;
-        decode_record(&record).map_err(|reason| ArchiveError::Invalid {
+        decode(&record).map_err(|reason| ArchiveError::Invalid {
             path: self.path.clone(),
             offset: r.offset,
             reason,
@@ -237,6 +287,11 @@ impl BatchArchive {
     /// Bytes of valid records (metrics, tests).
     pub(crate) fn bytes(&self) -> u64 {
         *self.end.lock().expect("not poisoned")
+    }
+
+    /// The file's path (error messages).
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
     }
 }
 
@@ -286,11 +341,12 @@ fn decode_record(record: &[u8]) -> Result<BatchState, String> {
 /// Reads every valid record from the start; returns them and the bytes they cover. A bad
 /// record before `durable` (or a file shorter than it) is `Corrupt`; one at or after it
 /// starts a torn tail (the caller decides whether to cut it).
-fn scan(
+fn scan<T>(
     file: &File,
     path: &Path,
     durable: u64,
-) -> Result<(Vec<(ArchiveRef, BatchState)>, u64), ArchiveError> {
+    decode: Decode<T>,
+) -> Result<(Vec<(ArchiveRef, T)>, u64), ArchiveError> {
     let io_err = |source| ArchiveError::Io {
         path: path.to_path_buf(),
         source,
@@ -307,7 +363,7 @@ fn scan(
     let mut at = 0u64;
     // Bounded by the file's length: every step moves `at` forward by a whole record.
     while at < file_len {
-        match read_record_at(file, at, file_len) {
+        match read_record_at(file, at, file_len, decode) {
             Ok((r, state)) => {
                 at += HEADER_BYTES as u64 + u64::from(r.len);
                 out.push((r, state));
@@ -326,7 +382,12 @@ fn scan(
 }
 
 /// The record starting at `at` of a file of `file_len` bytes, validated.
-fn read_record_at(file: &File, at: u64, file_len: u64) -> Result<(ArchiveRef, BatchState), String> {
+fn read_record_at<T>(
+    file: &File,
+    at: u64,
+    file_len: u64,
+    decode: Decode<T>,
+) -> Result<(ArchiveRef, T), String> {
     let rest = file_len - at;
     if rest < HEADER_BYTES as u64 {
         return Err("a partial header".into());
@@ -341,7 +402,7 @@ fn read_record_at(file: &File, at: u64, file_len: u64) -> Result<(ArchiveRef, Ba
     let mut record = vec![0u8; HEADER_BYTES + len as usize];
     file.read_exact_at(&mut record, at)
         .map_err(|e| e.to_string())?;
-    let state = decode_record(&record)?;
+    let state = decode(&record)?;
     Ok((
         ArchiveRef {
             offset: at,

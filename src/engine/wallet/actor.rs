@@ -24,6 +24,7 @@ use actix::{Actor, Context, Handler, Message};
 
 use crate::engine::events::Record;
 use crate::engine::journal;
+use crate::engine::wallet::history::{FiledPage, WalletHistory};
 use crate::engine::wallet::ledger::LedgerEntry;
 use crate::engine::wallet::state::{
     Balances, Decision, Statement, WalletCommand, WalletError, WalletEvent, WalletState,
@@ -64,6 +65,8 @@ pub(crate) struct WalletShared {
     pub(crate) clock: Arc<dyn crate::engine::Clock>,
     /// Where wallet events go as webhooks (top-ups, low balance).
     pub(crate) outbox: Arc<crate::webhooks::Outbox>,
+    /// Filed ledger pages (a repeat of an old operation reads its entry back).
+    pub(crate) history: Arc<WalletHistory>,
 }
 
 impl Actor for WalletActor {
@@ -190,9 +193,15 @@ impl WalletActor {
         for ev in self.state.expiry_events(now_ms) {
             last = Some(self.record(ev, None)?);
         }
-        let wait = match self.state.decide(&cmd, now_ms)? {
+        let wait = match self
+            .state
+            .decide(&cmd, now_ms, &|seq| self.original_entry(seq))?
+        {
             Decision::Repeat(seq) => {
-                let original = seq.and_then(|s| self.state.entry(s).cloned());
+                let original = match seq {
+                    None => None,
+                    Some(s) => Some(self.original_entry(s)?),
+                };
                 let lsn = original.as_ref().map_or(self.state.last_lsn, |e| e.lsn);
                 let mut entries = self.state.ledger[before..].to_vec();
                 entries.extend(original);
@@ -221,12 +230,50 @@ impl WalletActor {
     }
 }
 
+impl WalletActor {
+    /// Entry `seq`, from memory or (an old operation's repeat: rare) read back from its
+    /// filed page, in place: a positional read of one page.
+    fn original_entry(&self, seq: u64) -> Result<LedgerEntry, WalletError> {
+        if let Some(e) = self.state.entry(seq) {
+            return Ok(e.clone());
+        }
+        let page = self
+            .state
+            .filed_page_of(seq)
+            .expect("a recorded operation's entry is in memory or filed");
+        let p = self
+            .shared
+            .history
+            .read(self.state.tenant, &page)
+            .map_err(|e| WalletError::Unavailable(e.to_string()))?;
+        let i = (seq - page.first_seq) as usize;
+        Ok(p.entries.into_iter().nth(i).expect("the page was checked"))
+    }
+}
+
+/// A page of the wallet's ledger was written to the history file and synced (by the
+/// snapshot): its entries leave memory (`WalletState::filed_ledger`).
+pub(crate) struct FileLedger(pub(crate) FiledPage);
+
+impl Message for FileLedger {
+    type Result = ();
+}
+
+impl Handler<FileLedger> for WalletActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: FileLedger, _: &mut Context<Self>) {
+        self.state.filed_ledger(msg.0);
+    }
+}
+
 /// Reads. Each answer carries the wallet's `last_lsn`: the caller waits until it is
 /// acknowledged, so no read shows a change the log could still lose.
 pub enum Read {
     /// The wallet's balance view, made now if it has none (see `wallet::view`).
     View,
-    /// Entries with seq > `after`, at most `limit`.
+    /// Entries with seq > `after`, at most `limit`: the in-memory ones, and the filed
+    /// pages to read for the rest.
     Ledger { after: u64, limit: usize },
     /// Statement for `[from_ms, to_ms)`.
     Statement { from_ms: u64, to_ms: u64 },
@@ -239,8 +286,17 @@ pub enum Read {
 /// Answer to a `Read`.
 pub enum ReadAnswer {
     View(Arc<BalanceView>),
-    Ledger(Vec<LedgerEntry>),
+    Ledger {
+        filed: Vec<FiledPage>,
+        memory: Vec<LedgerEntry>,
+    },
+    /// The statement when no filed page is needed; otherwise the pages to read and the
+    /// in-memory entries before `to_ms` (`state::statement_of` over both).
     Statement(Box<Statement>),
+    StatementParts {
+        filed: Vec<FiledPage>,
+        memory: Vec<LedgerEntry>,
+    },
     Capture(Box<WalletState>),
     Invariants(Result<(), String>),
 }
@@ -264,12 +320,26 @@ impl Handler<Read> for WalletActor {
         let answer = match msg {
             Read::View => unreachable!("answered above"),
             Read::Ledger { after, limit } => {
-                let start = (after as usize).min(s.ledger.len());
+                // In-memory entries have seq > filed; index of seq `after + 1` in the tail.
+                let filed_n = s.filed_entries();
+                let start = (after.saturating_sub(filed_n) as usize).min(s.ledger.len());
                 let end = start.saturating_add(limit).min(s.ledger.len());
-                ReadAnswer::Ledger(s.ledger[start..end].to_vec())
+                ReadAnswer::Ledger {
+                    filed: s.filed_pages_for(after, limit),
+                    memory: s.ledger[start..end].to_vec(),
+                }
             }
             Read::Statement { from_ms, to_ms } => {
-                ReadAnswer::Statement(Box::new(s.statement(from_ms, to_ms)))
+                let filed = s.filed_pages_between(from_ms, to_ms);
+                if filed.is_empty() {
+                    ReadAnswer::Statement(Box::new(s.statement(&[], from_ms, to_ms)))
+                } else {
+                    let n = s.ledger.partition_point(|e| e.at_ms < to_ms);
+                    ReadAnswer::StatementParts {
+                        filed,
+                        memory: s.ledger[..n].to_vec(),
+                    }
+                }
             }
             Read::Capture => ReadAnswer::Capture(Box::new(s.clone())),
             Read::CheckInvariants => ReadAnswer::Invariants(s.check_invariants()),

@@ -190,9 +190,20 @@ pub enum ChainError {
 
 /// Verifies a tenant's whole chain from the genesis hash.
 pub fn verify_chain(tenant: TenantId, entries: &[LedgerEntry]) -> Result<(), ChainError> {
-    let mut prev = GENESIS_HASH;
+    verify_chain_from(tenant, GENESIS_HASH, 1, entries)
+}
+
+/// Checks a stretch of a chain: `entries` start at seq `first_seq`, after an entry whose
+/// hash is `prev` (the in-memory tail after the filed pages).
+pub fn verify_chain_from(
+    tenant: TenantId,
+    prev: [u8; 32],
+    first_seq: u64,
+    entries: &[LedgerEntry],
+) -> Result<(), ChainError> {
+    let mut prev = prev;
     for (index, e) in entries.iter().enumerate() {
-        if e.seq != index as u64 + 1 {
+        if e.seq != first_seq + index as u64 {
             return Err(ChainError::Sequence { index, seq: e.seq });
         }
         if chain_hash(&prev, tenant, e) != e.hash {

@@ -8,6 +8,7 @@
 //!   without a round trip to the actor
 
 pub mod actor;
+pub mod history;
 pub mod ledger;
 pub mod state;
 pub mod view;

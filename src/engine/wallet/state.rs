@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::engine::wallet::history::{self, Filed, FiledPage};
 use crate::engine::wallet::ledger::{chain_hash, EntryKind, LedgerEntry, GENESIS_HASH};
 use crate::ids::{BatchId, TenantId};
 use crate::money;
@@ -315,8 +316,11 @@ pub struct WalletState {
     pub holds: HashMap<BatchId, Hold>,
     /// Request-keyed operations (top-ups, adjustments) → their ledger entry.
     pub ops: HashMap<String, u64>,
-    /// The ledger, `ledger[seq - 1]`.
+    /// The ledger's entries after the filed ones: `ledger[seq - 1 - filed entries]`.
     pub ledger: Vec<LedgerEntry>,
+    /// Older entries moved to the history file (`wallet::history`); `None` until the first
+    /// filing, so a quiet wallet carries one pointer.
+    pub filed: Option<Box<Filed>>,
     /// LSN of the last event applied (replay skips events at or below it).
     pub last_lsn: u64,
     /// Sum of all grants' amounts: the credits ever created. Derived from `grants` and
@@ -354,6 +358,7 @@ impl WalletState {
             holds: HashMap::new(),
             ops: HashMap::new(),
             ledger: Vec::new(),
+            filed: None,
             last_lsn: 0,
             created: 0,
             next_expiry_ms: u64::MAX,
@@ -406,9 +411,98 @@ impl WalletState {
         }
     }
 
-    /// Ledger entry `seq` (1-based).
+    /// Entries filed to the history file.
+    pub fn filed_entries(&self) -> u64 {
+        self.filed.as_ref().map_or(0, |f| f.entries())
+    }
+
+    /// Entries in the whole ledger (filed and in memory): the last seq.
+    pub fn ledger_len(&self) -> u64 {
+        self.filed_entries() + self.ledger.len() as u64
+    }
+
+    /// Ledger entry `seq` (1-based) when it is in memory; a filed one is `None` (see
+    /// `filed_page_of`).
     pub fn entry(&self, seq: u64) -> Option<&LedgerEntry> {
-        seq.checked_sub(1).and_then(|i| self.ledger.get(i as usize))
+        seq.checked_sub(self.filed_entries() + 1)
+            .and_then(|i| self.ledger.get(i as usize))
+    }
+
+    /// The filed page holding entry `seq`, if it is filed.
+    pub fn filed_page_of(&self, seq: u64) -> Option<FiledPage> {
+        self.filed.as_ref().and_then(|f| f.page_of(seq))
+    }
+
+    /// The filed pages a ledger read of entries with seq in `(after, after + limit]` needs.
+    pub fn filed_pages_for(&self, after: u64, limit: usize) -> Vec<FiledPage> {
+        let Some(f) = &self.filed else {
+            return Vec::new();
+        };
+        let last = after.saturating_add(limit as u64);
+        f.pages
+            .iter()
+            .filter(|p| p.last_seq() > after && p.first_seq <= last)
+            .copied()
+            .collect()
+    }
+
+    /// The filed pages a statement for `[from_ms, to_ms)` needs: from the last page that
+    /// starts before `from_ms` (it may hold the opening balance) to the last that starts
+    /// before `to_ms`.
+    pub fn filed_pages_between(&self, from_ms: u64, to_ms: u64) -> Vec<FiledPage> {
+        let Some(f) = &self.filed else {
+            return Vec::new();
+        };
+        let start = f
+            .pages
+            .partition_point(|p| p.first_at_ms < from_ms)
+            .saturating_sub(1);
+        let end = f.pages.partition_point(|p| p.first_at_ms < to_ms);
+        f.pages.get(start..end.max(start)).unwrap_or(&[]).to_vec()
+    }
+
+    /// The in-memory entries a filing would move now (all but the last `TAIL_KEEP`), or
+    /// nothing while there are fewer than `PAGE_ENTRIES_MIN` of them.
+    pub fn due_for_filing(&self) -> &[LedgerEntry] {
+        let n = self.ledger.len().saturating_sub(history::TAIL_KEEP);
+        if n < history::PAGE_ENTRIES_MIN {
+            return &[];
+        }
+        &self.ledger[..n]
+    }
+
+    /// `page` (written and synced) holds the oldest in-memory entries: they leave memory.
+    /// The same call on the live wallet and on its snapshot copy: both hold those entries
+    /// at the front (the ledger only grows).
+    pub fn filed_ledger(&mut self, page: FiledPage) {
+        let k = page.entries as usize;
+        assert_eq!(
+            page.first_seq,
+            self.filed_entries() + 1,
+            "pages are filed in order"
+        );
+        assert!(
+            k >= 1 && k < self.ledger.len(),
+            "a page moves entries and the tail keeps at least one"
+        );
+        let last = &self.ledger[k - 1];
+        assert_eq!(
+            (last.seq, last.at_ms, self.ledger[0].at_ms),
+            (page.last_seq(), page.last_at_ms, page.first_at_ms),
+            "the page holds this wallet's oldest in-memory entries"
+        );
+        let last_hash = last.hash;
+        let filed = self.filed.get_or_insert_with(|| {
+            Box::new(Filed {
+                pages: Vec::new(),
+                last_hash: GENESIS_HASH,
+            })
+        });
+        filed.pages.push(page);
+        filed.last_hash = last_hash;
+        self.ledger.drain(..k);
+        // The tail's capacity grew with the entries just moved: give it back.
+        self.ledger.shrink_to_fit();
     }
 
     /// Credits ever created (top-ups and upward adjustments) stay within `u64`, so every
@@ -421,7 +515,11 @@ impl WalletState {
     /// The time of the last ledger entry: decisions never go back in time, so the ledger
     /// is in time order and statements can cut it by time.
     pub fn last_at_ms(&self) -> u64 {
-        self.ledger.last().map_or(0, |e| e.at_ms)
+        match (self.ledger.last(), &self.filed) {
+            (Some(e), _) => e.at_ms,
+            (None, Some(f)) => f.pages.last().map_or(0, |p| p.last_at_ms),
+            (None, None) => 0,
+        }
     }
 
     /// Grant ids in draw order: soonest expiry, promotional first, oldest first.
@@ -470,7 +568,16 @@ impl WalletState {
     }
 
     /// Validates `cmd` against the state and returns what to record. Never mutates.
-    pub fn decide(&self, cmd: &WalletCommand, now_ms: u64) -> Result<Decision, WalletError> {
+    ///
+    /// `recall(seq)` yields a recorded operation's ledger entry so that a repeated request
+    /// can be compared with the original; the entry may have been filed
+    /// (`wallet::history`), so only the caller can fetch it.
+    pub fn decide(
+        &self,
+        cmd: &WalletCommand,
+        now_ms: u64,
+        recall: &dyn Fn(u64) -> Result<LedgerEntry, WalletError>,
+    ) -> Result<Decision, WalletError> {
         match cmd {
             WalletCommand::Grant {
                 request_id,
@@ -479,7 +586,7 @@ impl WalletState {
                 expires_at_ms,
             } => {
                 if let Some(&seq) = self.ops.get(request_id) {
-                    let e = self.entry(seq).expect("op points at an entry");
+                    let e = recall(seq)?;
                     let same = e.kind == EntryKind::TopUp
                         && e.amount == *amount
                         && e.grant.is_some_and(|g| {
@@ -624,7 +731,7 @@ impl WalletState {
                 reason,
             } => {
                 if let Some(&seq) = self.ops.get(request_id) {
-                    let e = self.entry(seq).expect("op points at an entry");
+                    let e = recall(seq)?;
                     let same = e.kind == EntryKind::Adjust
                         && e.negative == (*delta < 0)
                         && e.amount == delta.unsigned_abs()
@@ -696,7 +803,7 @@ impl WalletState {
         at_ms: u64,
         lsn: u64,
     ) -> u64 {
-        let seq = self.ledger.len() as u64 + 1;
+        let seq = self.ledger_len() + 1;
         let mut e = LedgerEntry {
             seq,
             kind,
@@ -714,7 +821,11 @@ impl WalletState {
             lsn,
             hash: [0; 32],
         };
-        let prev = self.ledger.last().map_or(GENESIS_HASH, |p| p.hash);
+        let prev = match (self.ledger.last(), &self.filed) {
+            (Some(p), _) => p.hash,
+            (None, Some(f)) => f.last_hash,
+            (None, None) => GENESIS_HASH,
+        };
         e.hash = chain_hash(&prev, self.tenant, &e);
         push_small_first(&mut self.ledger, e);
         seq
@@ -1177,61 +1288,81 @@ impl WalletState {
                 return err("last ledger entry's balances are not the wallet's".into());
             }
         }
-        crate::engine::wallet::ledger::verify_chain(self.tenant, &self.ledger)
+        let (prev, first_seq) = match &self.filed {
+            None => (GENESIS_HASH, 1),
+            Some(f) => {
+                let mut next = 1;
+                for p in &f.pages {
+                    if p.first_seq != next || p.entries == 0 {
+                        return err(format!("filed page at seq {} out of order", p.first_seq));
+                    }
+                    next = p.last_seq() + 1;
+                }
+                (f.last_hash, next)
+            }
+        };
+        crate::engine::wallet::ledger::verify_chain_from(self.tenant, prev, first_seq, &self.ledger)
             .or_else(|e| err(e.to_string()))
     }
 
-    /// The statement for `[from_ms, to_ms)`, computed from the ledger alone.
-    pub fn statement(&self, from_ms: u64, to_ms: u64) -> Statement {
-        let mut st = Statement {
-            from_ms,
-            to_ms,
-            ..Statement::default()
-        };
-        for e in &self.ledger {
-            if e.at_ms < from_ms {
-                st.opening_available = e.available_after;
-                st.opening_held = e.held_after;
-                continue;
-            }
-            if e.at_ms >= to_ms {
-                break;
-            }
-            st.entries += 1;
-            match e.kind {
-                EntryKind::TopUp => st.top_ups += e.amount,
-                EntryKind::Hold => st.held += e.amount,
-                EntryKind::Settle => {
-                    st.settled += e.amount;
-                    if let Some(b) = e.batch {
-                        *st.settled_by_batch.entry(b).or_default() += e.amount;
-                    }
+    /// The statement for `[from_ms, to_ms)`, computed from the ledger alone: `filed` are
+    /// the entries of `filed_pages_between(from_ms, to_ms)`, read back, in order.
+    pub fn statement(&self, filed: &[LedgerEntry], from_ms: u64, to_ms: u64) -> Statement {
+        statement_of(filed.iter().chain(self.ledger.iter()), from_ms, to_ms)
+    }
+}
+
+/// A statement from consecutive entries in time order (the ledger's order).
+pub(crate) fn statement_of<E: std::borrow::Borrow<LedgerEntry>>(
+    entries: impl Iterator<Item = E>,
+    from_ms: u64,
+    to_ms: u64,
+) -> Statement {
+    let mut st = Statement {
+        from_ms,
+        to_ms,
+        ..Statement::default()
+    };
+    // The last entry before `to_ms` gives the closing (the opening when there was none).
+    let mut closing = None;
+    for e in entries {
+        let e = e.borrow();
+        if e.at_ms >= to_ms {
+            break;
+        }
+        closing = Some((e.available_after, e.held_after));
+        if e.at_ms < from_ms {
+            st.opening_available = e.available_after;
+            st.opening_held = e.held_after;
+            continue;
+        }
+        st.entries += 1;
+        match e.kind {
+            EntryKind::TopUp => st.top_ups += e.amount,
+            EntryKind::Hold => st.held += e.amount,
+            EntryKind::Settle => {
+                st.settled += e.amount;
+                if let Some(b) = e.batch {
+                    *st.settled_by_batch.entry(b).or_default() += e.amount;
                 }
-                EntryKind::Release => st.released += e.amount,
-                EntryKind::Expire => st.expired += e.amount,
-                EntryKind::Adjust => {
-                    if e.negative {
-                        st.adjusted -= e.amount as i128;
-                    } else {
-                        st.adjusted += e.amount as i128;
-                    }
-                }
-            }
-            if e.kind == EntryKind::Settle {
                 for &(g, a) in &e.parts {
                     *st.settled_by_grant.entry(g).or_default() += a;
                 }
             }
+            EntryKind::Release => st.released += e.amount,
+            EntryKind::Expire => st.expired += e.amount,
+            EntryKind::Adjust => {
+                if e.negative {
+                    st.adjusted -= e.amount as i128;
+                } else {
+                    st.adjusted += e.amount as i128;
+                }
+            }
         }
-        // Closing = the last entry before `to_ms` (or the opening when there was none).
-        st.closing_available = st.opening_available;
-        st.closing_held = st.opening_held;
-        if let Some(e) = self.ledger.iter().rev().find(|e| e.at_ms < to_ms) {
-            st.closing_available = e.available_after;
-            st.closing_held = e.held_after;
-        }
-        st
     }
+    (st.closing_available, st.closing_held) =
+        closing.unwrap_or((st.opening_available, st.opening_held));
+    st
 }
 
 /// Pushes onto `v`, reserving room for exactly one element when it is empty. Most
@@ -1279,7 +1410,12 @@ mod tests {
 
     /// Runs `cmd` through decide and apply, as the actor does (LSNs from `lsn`).
     fn run(w: &mut WalletState, cmd: WalletCommand, lsn: &mut u64) {
-        let Decision::Record(events) = w.decide(&cmd, 1_000).expect("accepted") else {
+        let Decision::Record(events) = w
+            .decide(&cmd, 1_000, &|s| {
+                Ok(w.entry(s).cloned().expect("in memory"))
+            })
+            .expect("accepted")
+        else {
             panic!("not a repeat")
         };
         for e in events {
