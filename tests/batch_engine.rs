@@ -694,9 +694,24 @@ fn finished_batches_move_to_the_archive_and_read_back_the_same() {
     assert_eq!(before.0.len(), 6);
     assert!(!before.2.is_empty(), "some items succeeded");
     rt.block_on(async {
+        let wallet_before = engine.wallet_state(t).await.unwrap();
+        assert_eq!(
+            wallet_before.holds.len(),
+            6,
+            "finished holds stay until archived"
+        );
         engine.snapshot_now().await.unwrap();
         let (archived, bytes) = engine.batch_archive_stats();
         assert_eq!(archived, 6);
+        // The archived batches' finished holds are retired; nothing else changes.
+        let wallet_after = engine.wallet_state(t).await.unwrap();
+        assert!(wallet_after.holds.is_empty(), "{:?}", wallet_after.holds);
+        assert_eq!(engine.balances(t).await.unwrap(), wallet_before.balances());
+        assert_eq!(
+            engine.wallet_state_expanded(t).await.unwrap().ledger,
+            wallet_before.ledger
+        );
+        engine.check_invariants().await.unwrap();
         assert!(bytes > 0);
         assert_eq!(readable(&engine, t).await, before);
         assert_eq!(engine.capture_batches().await.unwrap(), states);
@@ -719,6 +734,11 @@ fn finished_batches_move_to_the_archive_and_read_back_the_same() {
     assert_eq!(rec.snapshot_lsn, None);
     assert_eq!(rec.batches, 6);
     rt.block_on(async {
+        assert_eq!(
+            engine.wallet_state(t).await.unwrap().holds.len(),
+            6,
+            "the replayed log brings the holds back until the next snapshot"
+        );
         assert_eq!(engine.batch_archive_stats().0, 6);
         assert_eq!(readable(&engine, t).await, before);
         assert_eq!(engine.capture_batches().await.unwrap(), states);
@@ -746,6 +766,11 @@ fn finished_batches_move_to_the_archive_and_read_back_the_same() {
     let (engine, _) = Engine::open(cfg()).unwrap();
     assert_eq!(std::fs::metadata(&archive).unwrap().len(), synced_bytes);
     rt.block_on(async {
+        assert!(
+            engine.wallet_state(t).await.unwrap().holds.is_empty(),
+            "the final snapshot retired them again"
+        );
+        engine.check_invariants().await.unwrap();
         assert_eq!(readable(&engine, t).await, before);
     });
     rt.block_on(engine.shutdown(false)).unwrap();

@@ -927,7 +927,7 @@ impl Engine {
         // out is written; their memory is freed now.
         let archived = self.archive_finished(finished).await?;
         let responses_filed = self.file_responses(due).await?;
-        let ledger_pages = self.file_ledgers(&mut wallets).await?;
+        let (ledger_pages, holds_retired) = self.compact_wallets(&mut wallets).await?;
         let (responses, unreferenced) = i
             .responses
             .lock()
@@ -965,6 +965,7 @@ impl Engine {
             batches_archived = archived,
             responses_filed,
             ledger_pages,
+            holds_retired,
             total_ms = started.elapsed().as_millis() as u64,
             "snapshot written"
         );
@@ -1005,53 +1006,86 @@ impl Engine {
         Ok(records.len())
     }
 
-    /// Moves the older ledger entries of busy wallets to the history file (synced), then
-    /// out of the snapshot copies and the live wallets; returns the pages written. Runs
-    /// after the log acknowledged everything captured, so no filed entry can be lost.
-    async fn file_ledgers(&self, wallets: &mut [WalletState]) -> Result<usize, EngineError> {
+    /// Makes the captured wallets and their live actors smaller, the same way: ledger
+    /// entries beyond each busy wallet's tail go to the history file (synced first), and
+    /// finished holds of archived batches are retired. Returns (pages filed, holds retired).
+    async fn compact_wallets(
+        &self,
+        wallets: &mut [WalletState],
+    ) -> Result<(usize, usize), EngineError> {
+        // Holds are retired only once their batch is in the archive: its last event was
+        // acknowledged and no actor can send the wallet a command for it again.
+        let finished: Vec<crate::ids::BatchId> = wallets
+            .iter()
+            .flat_map(|w| w.retirable_holds(|_| true))
+            .collect();
+        let archived = self.archived_among(&finished);
         let mut pages = Vec::new();
-        let mut which = Vec::new();
+        let mut plans = Vec::new();
         for (i, w) in wallets.iter().enumerate() {
             let due = w.due_for_filing();
-            if !due.is_empty() {
+            let retire = w.retirable_holds(|b| archived.contains(&b));
+            if due.is_empty() && retire.is_empty() {
+                continue;
+            }
+            let page = if due.is_empty() {
+                None
+            } else {
                 pages.push(wallet::history::HistoryPage {
                     tenant: w.tenant,
                     entries: due.to_vec(),
                 });
-                which.push(i);
+                Some(pages.len() - 1)
+            };
+            plans.push((i, page, retire));
+        }
+        if plans.is_empty() {
+            return Ok((0, 0));
+        }
+        let filed = if pages.is_empty() {
+            Vec::new()
+        } else {
+            let history = Arc::clone(&self.inner.wallet_shared.history);
+            tokio::task::spawn_blocking(move || history.append(&pages))
+                .await
+                .map_err(|e| EngineError::System(e.to_string()))??
+        };
+        let mut retired = 0;
+        let mut messages = Vec::with_capacity(plans.len());
+        for (i, page, retire) in plans {
+            let page = page.map(|p| filed[p]);
+            if let Some(p) = page {
+                wallets[i].filed_ledger(p);
             }
+            wallets[i].retire_holds(&retire);
+            retired += retire.len();
+            messages.push((wallets[i].tenant, wallet::actor::Compact { page, retire }));
         }
-        if pages.is_empty() {
-            return Ok(0);
-        }
-        let history = Arc::clone(&self.inner.wallet_shared.history);
-        let filed = tokio::task::spawn_blocking(move || history.append(&pages))
-            .await
-            .map_err(|e| EngineError::System(e.to_string()))??;
-        for (&i, page) in which.iter().zip(&filed) {
-            wallets[i].filed_ledger(*page);
-        }
-        let live: Vec<(Addr<WalletActor>, wallet::history::FiledPage)> = {
+        let live: Vec<(Addr<WalletActor>, wallet::actor::Compact)> = {
             let dir = self.inner.wallets.read().expect("not poisoned");
-            which
-                .iter()
-                .zip(&filed)
-                .filter_map(|(&i, page)| Some((dir.get(&wallets[i].tenant)?.addr.clone(), *page)))
+            messages
+                .into_iter()
+                .filter_map(|(t, m)| Some((dir.get(&t)?.addr.clone(), m)))
                 .collect()
         };
         // In small chunks, like the captures, so other tenants' requests interleave. A
-        // wallet that misses its message (stopping) keeps the entries in memory and files
-        // them again later: consistent either way.
-        for chunk in live.chunks(CAPTURE_CHUNK_WALLETS) {
-            let pending: Vec<_> = chunk
-                .iter()
-                .map(|(a, page)| a.send(wallet::actor::FileLedger(*page)))
+        // wallet that misses its message (stopping) keeps the entries and holds in memory
+        // and is compacted again later: consistent either way.
+        let mut live = live.into_iter();
+        loop {
+            let pending: Vec<_> = live
+                .by_ref()
+                .take(CAPTURE_CHUNK_WALLETS)
+                .map(|(a, m)| a.send(m))
                 .collect();
+            if pending.is_empty() {
+                break;
+            }
             for p in pending {
                 p.await.map_err(|e| EngineError::System(e.to_string()))?;
             }
         }
-        Ok(filed.len())
+        Ok((filed.len(), retired))
     }
 
     /// Deletes response segments no durable image references any more.

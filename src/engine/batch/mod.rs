@@ -21,7 +21,7 @@ pub mod pricing;
 pub mod state;
 pub mod template;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -1263,6 +1263,16 @@ impl Engine {
             d.archived_n += 1;
         }
         Ok(hot.len())
+    }
+
+    /// Which of `batches` are in the archive (final, acknowledged, never changing again).
+    pub(crate) fn archived_among(&self, batches: &[BatchId]) -> HashSet<BatchId> {
+        let d = self.batch_ctx().dir.map.read().expect("not poisoned");
+        batches
+            .iter()
+            .filter(|b| matches!(d.finished.get(b), Some(Finished::Cold { .. })))
+            .copied()
+            .collect()
     }
 
     /// Finished batches in the archive, and the archive's bytes (metrics).

@@ -251,19 +251,27 @@ impl WalletActor {
     }
 }
 
-/// A page of the wallet's ledger was written to the history file and synced (by the
-/// snapshot): its entries leave memory (`WalletState::filed_ledger`).
-pub(crate) struct FileLedger(pub(crate) FiledPage);
+/// The snapshot made this wallet's copy smaller; the live wallet does the same:
+/// `page` (written to the history file and synced) leaves memory
+/// (`WalletState::filed_ledger`), and the finished holds of archived batches in `retire`
+/// are removed (`WalletState::retire_holds`).
+pub(crate) struct Compact {
+    pub(crate) page: Option<FiledPage>,
+    pub(crate) retire: Vec<crate::ids::BatchId>,
+}
 
-impl Message for FileLedger {
+impl Message for Compact {
     type Result = ();
 }
 
-impl Handler<FileLedger> for WalletActor {
+impl Handler<Compact> for WalletActor {
     type Result = ();
 
-    fn handle(&mut self, msg: FileLedger, _: &mut Context<Self>) {
-        self.state.filed_ledger(msg.0);
+    fn handle(&mut self, msg: Compact, _: &mut Context<Self>) {
+        if let Some(page) = msg.page {
+            self.state.filed_ledger(page);
+        }
+        self.state.retire_holds(&msg.retire);
     }
 }
 

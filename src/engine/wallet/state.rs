@@ -312,7 +312,9 @@ pub struct WalletState {
     pub low_balance_threshold: Option<u64>,
     /// Grants, `grants[id - 1]`.
     pub grants: Vec<Grant>,
-    /// Holds by batch (finished holds stay, so repeats of their items are recognised).
+    /// Holds by batch. A finished hold stays (repeats of its items are recognised) until
+    /// its batch is archived: then nothing can send it a command any more and the snapshot
+    /// retires it (`retire_holds`); its entries stay in the ledger.
     pub holds: HashMap<BatchId, Hold>,
     /// Request-keyed operations (top-ups, adjustments) → their ledger entry.
     pub ops: HashMap<String, u64>,
@@ -469,6 +471,30 @@ impl WalletState {
             return &[];
         }
         &self.ledger[..n]
+    }
+
+    /// Finished holds among `candidates` (their batches are archived, so no command can
+    /// name them again): what `retire_holds` may remove.
+    pub fn retirable_holds(&self, candidates: impl Fn(BatchId) -> bool) -> Vec<BatchId> {
+        self.holds
+            .iter()
+            .filter(|(b, h)| h.remaining() == 0 && candidates(**b))
+            .map(|(b, _)| *b)
+            .collect()
+    }
+
+    /// Removes finished holds whose batches are archived (see `holds`). Their credits have
+    /// all been settled or released, so no balance or grant changes: only memory.
+    pub fn retire_holds(&mut self, batches: &[BatchId]) {
+        for b in batches {
+            let h = self.holds.remove(b).expect("a retired hold exists");
+            assert_eq!(h.remaining(), 0, "only finished holds retire (batch {b})");
+            assert_eq!(
+                h.settled + h.released,
+                h.amount,
+                "a finished hold moved all it held (batch {b})"
+            );
+        }
     }
 
     /// `page` (written and synced) holds the oldest in-memory entries: they leave memory.
@@ -1466,5 +1492,65 @@ mod tests {
         let mut copy = w.clone();
         copy.restore_derived();
         assert_eq!(copy, w);
+    }
+
+    #[test]
+    fn only_finished_holds_retire_and_balances_do_not_move() {
+        let mut w = WalletState::new(TenantId(1));
+        let mut lsn = 0;
+        let grant = WalletCommand::Grant {
+            request_id: "t".into(),
+            kind: GrantKind::Paid,
+            amount: 100,
+            expires_at_ms: None,
+        };
+        run(&mut w, grant, &mut lsn);
+        let (done, open) = (BatchId(1), BatchId(2));
+        for batch in [done, open] {
+            run(&mut w, WalletCommand::Hold { batch, amount: 20 }, &mut lsn);
+        }
+        let settle = WalletCommand::Settle {
+            batch: done,
+            item: 0,
+            amount: 12,
+        };
+        run(&mut w, settle, &mut lsn);
+        let release = WalletCommand::Release {
+            batch: done,
+            item: 1,
+            amount: 8,
+        };
+        run(&mut w, release, &mut lsn);
+        assert_eq!(
+            w.retirable_holds(|_| true),
+            vec![done],
+            "open still holds 20"
+        );
+        assert!(w.retirable_holds(|b| b != done).is_empty());
+        let before = w.balances();
+        w.retire_holds(&[done]);
+        assert_eq!(w.balances(), before);
+        assert_eq!(w.holds.keys().copied().collect::<Vec<_>>(), vec![open]);
+        w.check_invariants().unwrap();
+        let mut copy = w.clone();
+        copy.restore_derived();
+        assert_eq!(copy, w);
+    }
+
+    #[test]
+    #[should_panic(expected = "only finished holds retire")]
+    fn retiring_a_hold_that_still_holds_credits_is_refused() {
+        let mut w = WalletState::new(TenantId(1));
+        let mut lsn = 0;
+        let grant = WalletCommand::Grant {
+            request_id: "t".into(),
+            kind: GrantKind::Paid,
+            amount: 100,
+            expires_at_ms: None,
+        };
+        run(&mut w, grant, &mut lsn);
+        let batch = BatchId(1);
+        run(&mut w, WalletCommand::Hold { batch, amount: 20 }, &mut lsn);
+        w.retire_holds(&[batch]);
     }
 }
