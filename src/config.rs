@@ -32,9 +32,11 @@ interval_ms = 5
 
 [snapshots]
 # A snapshot after this many events or this many seconds (whichever first, if anything
-# happened); older log segments are then deleted. Snapshot files kept on disk.
+# happened); older log segments are then deleted. Snapshot files kept on disk. Each
+# snapshot archives what finished since the last one: a short interval keeps that burst
+# small (at 2,573 req/s, 300 s bursts stalled p99 to 61 ms, 60 s ones stayed under 5 ms).
 every_events = 1000000
-every_s = 300
+every_s = 60
 kept = 2
 
 # The default provider: deterministic fake videos (a GIF of the prompt); prompts with

@@ -90,6 +90,22 @@ pub struct FiledResponse {
     pub at: FiledRef,
 }
 
+/// An image's response list as taken under the store's lock, in table order. The image
+/// needs it in time order (`restore` rebuilds the expiry queue from it); sorting waits
+/// until the lock is released, because idempotent requests queue behind that lock
+/// (measured at the soak's rate with ≈ 300,000 records: taking the list 1–67 ms, sorting it
+/// 3–22 ms more).
+pub(crate) struct ImageList(Vec<FiledResponse>);
+
+impl ImageList {
+    /// The list in time order, ready for the image.
+    pub(crate) fn into_sorted(self) -> Vec<FiledResponse> {
+        let mut listed = self.0;
+        listed.sort_unstable_by_key(|f| (f.at.at_ms, f.at.segment, f.at.offset));
+        listed
+    }
+}
+
 /// The table's key: the first 16 bytes of SHA-256(scope, key). Memory keeps 16 bytes per
 /// key instead of the client's string; a read back from disk checks the real scope and
 /// key, so even a collision could not hand one tenant another's response.
@@ -272,13 +288,13 @@ impl ResponseStore {
         assert!(previous.is_none(), "segment {segment} is new");
     }
 
-    /// The image's list (every filed, unexpired record) and the segments it does not
-    /// reference, which may be deleted once that image is durable. Every record is filed
-    /// when this runs under the snapshot: ones stored since are in the log after the
-    /// image's LSN.
-    pub(crate) fn image(&mut self, now_ms: u64) -> (Vec<FiledResponse>, Vec<u32>) {
+    /// The image's list (every filed, unexpired record, unsorted: see `ImageList`) and the
+    /// segments it does not reference, which may be deleted once that image is durable.
+    /// Every record is filed when this runs under the snapshot: ones stored since are in
+    /// the log after the image's LSN.
+    pub(crate) fn image(&mut self, now_ms: u64) -> (ImageList, Vec<u32>) {
         self.expire(now_ms);
-        let mut listed: Vec<FiledResponse> = self
+        let listed: Vec<FiledResponse> = self
             .slots
             .iter()
             .filter_map(|(id, s)| match s {
@@ -286,14 +302,13 @@ impl ResponseStore {
                 _ => None,
             })
             .collect();
-        listed.sort_by_key(|f| (f.at.at_ms, f.at.segment, f.at.offset));
         let unreferenced = self
             .segments
             .iter()
             .filter(|(_, n)| **n == 0)
             .map(|(s, _)| *s)
             .collect();
-        (listed, unreferenced)
+        (ImageList(listed), unreferenced)
     }
 
     /// `segments` were deleted (after an image without them was written).
@@ -493,6 +508,7 @@ mod tests {
         s.insert(rec("b", 2, 20), 30);
         assert!(s.due_for_filing().is_none());
         let (listed, unreferenced) = s.image(30);
+        let listed = listed.into_sorted();
         assert_eq!(listed.len(), 2);
         assert!(unreferenced.is_empty());
         // A restore from that list (a restart) finds both on disk.
@@ -502,6 +518,7 @@ mod tests {
         assert!(matches!(r.lookup(1, "b", [2; 32], 40), Lookup::Filed(_)));
         // Past retention the segment is unreferenced, deleted after the next image.
         let (listed, unreferenced) = s.image(1020);
+        let listed = listed.into_sorted();
         assert!(listed.is_empty());
         assert_eq!(unreferenced, vec![segment]);
         crate::engine::response_files::delete(&dir, &unreferenced).unwrap();

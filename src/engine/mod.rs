@@ -122,7 +122,7 @@ impl EngineConfig {
             durability: wal::Durability::Sync,
             segment_bytes_max: 64 << 20,
             snapshot_every_events: 1_000_000,
-            snapshot_every_ms: 5 * 60 * 1000,
+            snapshot_every_ms: 60 * 1000,
             snapshot_bytes_max: 8 << 30,
             snapshots_kept: 2,
             mailbox_capacity: 1024,
@@ -925,14 +925,30 @@ impl Engine {
         let captured = started.elapsed();
         // Finished batches go to the archive (synced) before the image that leaves them
         // out is written; their memory is freed now.
+        // Each step's time goes into the log line: a snapshot that stalls requests is
+        // diagnosed from it (which step, how long), not guessed at.
+        let ms = |since: Instant| since.elapsed().as_millis() as u64;
+        let step = Instant::now();
         let archived = self.archive_finished(finished).await?;
+        let archive_ms = ms(step);
+        let step = Instant::now();
         let responses_filed = self.file_responses(due).await?;
+        let responses_ms = ms(step);
+        let step = Instant::now();
         let (ledger_pages, holds_retired) = self.compact_wallets(&mut wallets).await?;
+        let compact_ms = ms(step);
+        // Idempotent requests wait for this lock: its hold time is logged on its own.
+        let step = Instant::now();
         let (responses, unreferenced) = i
             .responses
             .lock()
             .expect("not poisoned")
             .image(self.now_ms());
+        let response_image_ms = ms(step);
+        let step = Instant::now();
+        let responses = responses.into_sorted();
+        let response_sort_ms = ms(step);
+        let step = Instant::now();
         let bytes = snapshot::encode(&EngineImage {
             covered_lsn,
             wallets,
@@ -943,8 +959,11 @@ impl Engine {
             access,
             access_lsn,
         });
+        let encode_ms = ms(step);
+        let step = Instant::now();
         let snap_dir = crate::snapshot_dir(&i.cfg.data_dir);
         wal::write_snapshot(&snap_dir, covered_lsn, &bytes)?;
+        let write_ms = ms(step);
         i.wal.drop_segments_below(covered_lsn)?;
         self.delete_response_segments(unreferenced).await?;
         wal::prune_snapshots(&snap_dir, i.cfg.snapshots_kept.max(1))?;
@@ -956,8 +975,10 @@ impl Engine {
         // freed now; glibc keeps freed heap pages (and raises its mmap threshold after a
         // large free), so without this each snapshot leaves resident memory at its own
         // peak. Off the async threads: it walks every arena.
+        let step = Instant::now();
         let trimmed = tokio::task::spawn_blocking(release_free_memory).await;
         debug_assert!(trimmed.is_ok());
+        let trim_ms = ms(step);
         tracing::info!(
             covered_lsn,
             bytes = image_bytes,
@@ -966,6 +987,14 @@ impl Engine {
             responses_filed,
             ledger_pages,
             holds_retired,
+            archive_ms,
+            responses_ms,
+            compact_ms,
+            response_image_ms,
+            response_sort_ms,
+            encode_ms,
+            write_ms,
+            trim_ms,
             total_ms = started.elapsed().as_millis() as u64,
             "snapshot written"
         );
