@@ -1494,17 +1494,23 @@ mod tests {
         assert_eq!(copy, w);
     }
 
-    #[test]
-    fn only_finished_holds_retire_and_balances_do_not_move() {
+    /// A wallet with one paid grant of `amount`, and the LSN of its last event.
+    fn funded(amount: u64) -> (WalletState, u64) {
         let mut w = WalletState::new(TenantId(1));
         let mut lsn = 0;
         let grant = WalletCommand::Grant {
             request_id: "t".into(),
             kind: GrantKind::Paid,
-            amount: 100,
+            amount,
             expires_at_ms: None,
         };
         run(&mut w, grant, &mut lsn);
+        (w, lsn)
+    }
+
+    #[test]
+    fn only_finished_holds_retire_and_balances_do_not_move() {
+        let (mut w, mut lsn) = funded(100);
         let (done, open) = (BatchId(1), BatchId(2));
         for batch in [done, open] {
             run(&mut w, WalletCommand::Hold { batch, amount: 20 }, &mut lsn);
@@ -1540,15 +1546,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "only finished holds retire")]
     fn retiring_a_hold_that_still_holds_credits_is_refused() {
-        let mut w = WalletState::new(TenantId(1));
-        let mut lsn = 0;
-        let grant = WalletCommand::Grant {
-            request_id: "t".into(),
-            kind: GrantKind::Paid,
-            amount: 100,
-            expires_at_ms: None,
-        };
-        run(&mut w, grant, &mut lsn);
+        let (mut w, mut lsn) = funded(100);
         let batch = BatchId(1);
         run(&mut w, WalletCommand::Hold { batch, amount: 20 }, &mut lsn);
         w.retire_holds(&[batch]);
