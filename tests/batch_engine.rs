@@ -785,3 +785,126 @@ fn finished_batches_move_to_the_archive_and_read_back_the_same() {
         .expect("a damaged archive is refused");
     assert!(err.to_string().contains("damaged"), "{err}");
 }
+
+/// Creates a batch and waits until it finished.
+async fn finished(
+    engine: &Engine,
+    t: TenantId,
+    req: &BatchRequest,
+    plan: &PlanLimits,
+) -> reelbatch::ids::BatchId {
+    let id = engine.create_batch(t, req, plan).await.unwrap().id;
+    engine.wait_batch(t, id).await.unwrap();
+    id
+}
+
+/// Archived batches leave the in-memory directory entirely (listing, request ids,
+/// videos) and are found through the on-disk archive index: reads, listing pages that
+/// span memory and the index, request-id repeats, daily caps after a restart. The index
+/// is derived data: one that lags the archive (a crash between the archive's sync and the
+/// index's commit, reproduced with an older copy of the index file), one deleted and one
+/// overwritten with junk are all rebuilt at startup, and everything reads the same.
+#[test]
+fn archived_batches_are_found_through_the_index_and_the_index_rebuilds() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let cfg = || config(dir.path(), 0.2, 0.1, (0, 0));
+    let index = reelbatch::engine::batch::index::index_path(dir.path());
+    // 12 items per batch; the cap leaves room for exactly 8 batches today.
+    let capped = PlanLimits {
+        items_per_day: 8 * 12 + 5,
+        ..PRO
+    };
+    let batch_req = |k: usize| {
+        let mut req = request("{a} {b}", &[("a", values("a", 3)), ("b", values("b", 4))]);
+        req.request_id = Some(format!("r{k}"));
+        req
+    };
+    let (engine, _) = Engine::open(cfg()).unwrap();
+    let (t, ids) = rt.block_on(async {
+        let t = tenant_with(&engine, 1_000_000).await;
+        let mut ids = Vec::new();
+        for k in 0..6 {
+            ids.push(finished(&engine, t, &batch_req(k), &capped).await);
+        }
+        let (batches, requests, videos) = engine.batch_directory_entries();
+        assert_eq!((batches, requests), (6, 6));
+        assert!(videos > 0, "some items succeeded");
+        engine.snapshot_now().await.unwrap();
+        assert_eq!(engine.batch_directory_entries(), (0, 0, 0));
+        assert_eq!(engine.batch_archive_stats().0, 6);
+        (t, ids)
+    });
+    let index_after_six = std::fs::read(&index).unwrap();
+    let before = rt.block_on(async {
+        // Two more, finished but still in memory: pages span memory and the index.
+        let mut ids = ids.clone();
+        for k in 6..8 {
+            ids.push(finished(&engine, t, &batch_req(k), &capped).await);
+        }
+        assert_eq!(engine.batch_directory_entries().0, 2);
+        let mut paged = Vec::new();
+        let mut after = None;
+        for _ in 0..10 {
+            let page = engine.list_batches(t, after, 3).await.unwrap();
+            if page.is_empty() {
+                break;
+            }
+            after = page.last().map(|b| b.id);
+            paged.extend(page.into_iter().map(|b| b.id));
+        }
+        assert_eq!(paged, ids, "every batch once, in creation order");
+        // Repeats of archived and in-memory creations return their batch; a changed
+        // request under an archived request id is refused.
+        for (k, id) in ids.iter().enumerate() {
+            let again = engine
+                .create_batch(t, &batch_req(k), &capped)
+                .await
+                .unwrap();
+            assert_eq!(again.id, *id);
+        }
+        let mut changed = request("{a} other", &[("a", values("a", 3))]);
+        changed.request_id = Some("r0".into());
+        assert!(matches!(
+            engine.create_batch(t, &changed, &capped).await,
+            Err(BatchError::KeyReused(_))
+        ));
+        engine.snapshot_now().await.unwrap();
+        assert_eq!(engine.batch_directory_entries(), (0, 0, 0));
+        readable(&engine, t).await
+    });
+    assert_eq!(before.0.len(), 8);
+    rt.block_on(engine.shutdown(false)).unwrap();
+
+    let check = |label: &str| {
+        let (engine, rec) = Engine::open(cfg()).unwrap();
+        assert_eq!(rec.batches, 8, "{label}");
+        rt.block_on(async {
+            assert_eq!(engine.batch_directory_entries(), (0, 0, 0), "{label}");
+            assert_eq!(engine.batch_archive_stats().0, 8, "{label}");
+            assert_eq!(readable(&engine, t).await, before, "{label}");
+            // Today's items of the archived batches still count against the cap.
+            let refused = engine.create_batch(t, &batch_req(99), &capped).await;
+            assert!(
+                matches!(refused, Err(BatchError::DailyItems { used: 96, .. })),
+                "{label}: {refused:?}"
+            );
+            let again = engine
+                .create_batch(t, &batch_req(3), &capped)
+                .await
+                .unwrap();
+            assert_eq!(again.id, before.0[3].id, "{label}");
+            engine.check_invariants().await.unwrap();
+            assert!(engine.reconcile().await.unwrap().discrepancies.is_empty());
+        });
+        rt.block_on(engine.shutdown(false)).unwrap();
+    };
+    check("restart");
+    // The index as it was before the second archiving: the archive is ahead of it.
+    std::fs::write(&index, &index_after_six).unwrap();
+    check("index behind the archive");
+    std::fs::remove_file(&index).unwrap();
+    check("index deleted");
+    std::fs::write(&index, vec![0x5Au8; 64 * 1024]).unwrap();
+    check("index overwritten");
+}

@@ -194,6 +194,25 @@ impl Metrics {
             "Bytes of valid records in the batch archive.",
             archive_bytes as f64,
         );
+        let (dir_batches, dir_requests, dir_videos) = e.batch_directory_entries();
+        gauge(
+            "reelbatch_batch_directory_batches",
+            "gauge",
+            "Batches in memory (active, or finished and not archived yet).",
+            dir_batches as f64,
+        );
+        gauge(
+            "reelbatch_batch_directory_videos",
+            "gauge",
+            "Videos of batches in memory (archived batches' videos are in the archive index).",
+            dir_videos as f64,
+        );
+        gauge(
+            "reelbatch_batch_directory_requests",
+            "gauge",
+            "Request ids of batches in memory (archived ones are in the archive index).",
+            dir_requests as f64,
+        );
         gauge(
             "reelbatch_ledger_history_bytes",
             "gauge",

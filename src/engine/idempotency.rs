@@ -4,18 +4,21 @@
 //! fingerprint of the request; a repeat within the retention gets it back verbatim, a
 //! different request under the same key is refused, and a repeat while the first is still
 //! running is told so. Keys are scoped: `scope` is the tenant id for customer requests and
-//! 0 for the admin API. Records older than the retention are forgotten (and left out of
-//! snapshots). The number of remembered keys is bounded; beyond it new keyed requests are
-//! refused as unavailable rather than letting memory grow.
+//! 0 for the admin API. Records older than the retention are forgotten. Memory holds only
+//! keys in flight and responses stored since the last snapshot, at most `keys_max` of
+//! them (beyond it new keyed requests are refused as unavailable rather than letting
+//! memory grow); each snapshot files them into a segment (`response_files`) and the
+//! response index on disk (`response_index`), whose size is the retention × the rate.
 //!
 //! This module knows nothing of HTTP: a response is a status, a content type and bytes.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::engine::batch::archive::ArchiveError;
 use crate::engine::response_files::FiledRef;
+use crate::engine::response_index::ResponseIndex;
 
 /// A stored response.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -65,50 +68,14 @@ enum Slot {
     InFlight {
         fingerprint: [u8; 32],
     },
-    /// Stored since the last snapshot: in memory until the next one files it.
+    /// Stored since the last snapshot: in memory until the next one files it (then the
+    /// response index knows where it is and memory forgets it).
     Done(Arc<StoredResponse>),
-    /// In a segment file (`response_files`).
-    Filed(FiledRef),
 }
 
-impl Slot {
-    fn at_ms(&self) -> Option<u64> {
-        match self {
-            Slot::InFlight { .. } => None,
-            Slot::Done(r) => Some(r.at_ms),
-            Slot::Filed(f) => Some(f.at_ms),
-        }
-    }
-}
-
-/// A filed response as the snapshot image lists it.
-#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-pub struct FiledResponse {
-    /// `key_id` of its scope and key.
-    pub id: u128,
-    /// Where it is.
-    pub at: FiledRef,
-}
-
-/// An image's response list as taken under the store's lock, in table order. The image
-/// needs it in time order (`restore` rebuilds the expiry queue from it); sorting waits
-/// until the lock is released, because idempotent requests queue behind that lock
-/// (measured at the soak's rate with ≈ 300,000 records: taking the list 1–67 ms, sorting it
-/// 3–22 ms more).
-pub(crate) struct ImageList(Vec<FiledResponse>);
-
-impl ImageList {
-    /// The list in time order, ready for the image.
-    pub(crate) fn into_sorted(self) -> Vec<FiledResponse> {
-        let mut listed = self.0;
-        listed.sort_unstable_by_key(|f| (f.at.at_ms, f.at.segment, f.at.offset));
-        listed
-    }
-}
-
-/// The table's key: the first 16 bytes of SHA-256(scope, key). Memory keeps 16 bytes per
-/// key instead of the client's string; a read back from disk checks the real scope and
-/// key, so even a collision could not hand one tenant another's response.
+/// The id a key is stored under: 128 bits of SHA-256 over scope and key. A collision
+/// between two keys is caught where it matters: a stored response read back is checked
+/// against the scope and key asked for.
 pub(crate) fn key_id(scope: u128, key: &str) -> u128 {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
@@ -118,22 +85,28 @@ pub(crate) fn key_id(scope: u128, key: &str) -> u128 {
     u128::from_le_bytes(d[..16].try_into().expect("16 bytes"))
 }
 
-/// The live table (behind the engine's mutex).
+/// The live table (behind the engine's mutex): keys in flight and responses stored since
+/// the last snapshot. Older ones are in the response index (`response_index`), on disk.
 pub(crate) struct ResponseStore {
-    /// key id → slot.
+    /// key id → slot (in memory only: bounded by `keys_max`).
     slots: HashMap<u128, Slot>,
-    /// Done and filed records in storage order, for expiry from the front.
+    /// Done records in storage order, for expiry from the front.
     order: VecDeque<(u64, u128)>,
-    /// Segment → how many slots point into it. A segment at 0 is deleted after the next
-    /// image (which no longer references it) is durable.
-    segments: BTreeMap<u32, u64>,
+    /// Filed responses; `None` for the offline tools (and before `attach`).
+    index: Option<Arc<ResponseIndex>>,
     /// The segments folder; `None` for the offline tools, which never read bodies.
     dir: Option<PathBuf>,
+    /// Bumped whenever records leave memory for the index: a lookup that read the index
+    /// before taking the lock reads it again if this moved meanwhile.
+    generation: u64,
+    /// Segments at 0 records, deleted at the next snapshot (a request may have read a
+    /// place in one just before it emptied).
+    dead: Vec<u32>,
     /// Number of the next segment written.
     next_segment: u32,
     /// How long a response is kept.
     pub retention_ms: u64,
-    /// Most slots (in flight and done) at once.
+    /// Most slots in memory (in flight and done) at once.
     pub keys_max: usize,
 }
 
@@ -142,22 +115,13 @@ impl ResponseStore {
         ResponseStore {
             slots: HashMap::new(),
             order: VecDeque::new(),
-            segments: BTreeMap::new(),
+            index: None,
             dir: None,
+            generation: 0,
+            dead: Vec::new(),
             next_segment: 1,
             retention_ms,
             keys_max: keys_max.max(1),
-        }
-    }
-
-    /// Drops a slot, keeping the segments' counts.
-    fn remove(&mut self, id: u128) {
-        if let Some(Slot::Filed(f)) = self.slots.remove(&id) {
-            let n = self
-                .segments
-                .get_mut(&f.segment)
-                .expect("a filed slot's segment is counted");
-            *n = n.checked_sub(1).expect("segment count never goes below 0");
         }
     }
 
@@ -170,28 +134,44 @@ impl ResponseStore {
             }
             let (at, id) = self.order.pop_front().expect("front exists");
             // A key stored again later (after expiry) has a newer record: keep it.
-            if self.slots.get(&id).and_then(Slot::at_ms) == Some(at) {
-                self.remove(id);
+            if matches!(self.slots.get(&id), Some(Slot::Done(r)) if r.at_ms == at) {
+                self.slots.remove(&id);
             }
         }
     }
 
-    fn lookup(&mut self, scope: u128, key: &str, fp: [u8; 32], now_ms: u64) -> Lookup {
+    /// What a keyed request should do. `filed` answers for keys not in memory (the
+    /// response index, or nothing); an error there is a server fault.
+    fn lookup(
+        &mut self,
+        scope: u128,
+        key: &str,
+        fp: [u8; 32],
+        now_ms: u64,
+        filed: impl FnOnce(&Self) -> Result<Option<FiledRef>, String>,
+    ) -> Lookup {
         self.expire(now_ms);
         let id = key_id(scope, key);
         let begin = match self.slots.get(&id) {
             Some(Slot::Done(r)) if r.scope != scope || r.key != key => Begin::Mismatch,
             Some(Slot::Done(r)) if r.fingerprint == fp => Begin::Replay(Arc::clone(r)),
             Some(Slot::Done(_)) => Begin::Mismatch,
-            Some(Slot::Filed(f)) if f.fingerprint == fp => return Lookup::Filed(*f),
-            Some(Slot::Filed(_)) => Begin::Mismatch,
             Some(Slot::InFlight { fingerprint }) if *fingerprint == fp => Begin::InProgress,
             Some(Slot::InFlight { .. }) => Begin::Mismatch,
-            None if self.slots.len() >= self.keys_max => Begin::Full,
-            None => {
-                self.slots.insert(id, Slot::InFlight { fingerprint: fp });
-                Begin::Fresh
-            }
+            None => match filed(self) {
+                Err(e) => Begin::Unreadable(e),
+                Ok(Some(f)) if now_ms.saturating_sub(f.at_ms) < self.retention_ms => {
+                    if f.fingerprint == fp {
+                        return Lookup::Filed(f);
+                    }
+                    Begin::Mismatch
+                }
+                Ok(_) if self.slots.len() >= self.keys_max => Begin::Full,
+                Ok(_) => {
+                    self.slots.insert(id, Slot::InFlight { fingerprint: fp });
+                    Begin::Fresh
+                }
+            },
         };
         Lookup::Ready(begin)
     }
@@ -199,7 +179,12 @@ impl ResponseStore {
     /// What a keyed request should do, for the in-memory cases (tests).
     #[cfg(test)]
     fn begin(&mut self, scope: u128, key: &str, fp: [u8; 32], now_ms: u64) -> Begin {
-        match self.lookup(scope, key, fp, now_ms) {
+        let index = self.index.clone();
+        let filed = |_: &Self| match &index {
+            Some(ix) => ix.get(key_id(scope, key)).map_err(|e| e.to_string()),
+            None => Ok(None),
+        };
+        match self.lookup(scope, key, fp, now_ms, filed) {
             Lookup::Ready(b) => b,
             Lookup::Filed(f) => Begin::Unreadable(format!("filed in segment {}", f.segment)),
         }
@@ -222,26 +207,20 @@ impl ResponseStore {
             }
             return;
         }
-        // Replay of a record a snapshot already filed (stored after the image's LSN was
-        // read, filed before the image was written): keep the filed copy.
-        if let Some(Slot::Filed(f)) = self.slots.get(&id) {
-            if f.at_ms == r.at_ms && f.fingerprint == r.fingerprint {
-                return;
-            }
-        }
-        self.remove(id);
         self.order.push_back((r.at_ms, id));
         self.slots.insert(id, Slot::Done(Arc::new(r)));
     }
 
-    /// Remembered keys (metrics).
+    /// Remembered keys: in memory and filed (metrics).
     pub(crate) fn len(&self) -> usize {
-        self.slots.len()
+        let filed = self.index.as_ref().map_or(0, |ix| ix.rows());
+        self.slots.len().saturating_add(filed as usize)
     }
 
     /// Responses still in memory, in storage order (the next segment's contents), and the
-    /// number that segment will have. `None` when nothing is due.
+    /// number that segment will have. `None` when nothing is due (or nowhere to file).
     pub(crate) fn due_for_filing(&mut self) -> Option<(u32, Vec<Arc<StoredResponse>>)> {
+        self.index.as_ref()?;
         let mut v: Vec<Arc<StoredResponse>> = self
             .slots
             .values()
@@ -259,115 +238,105 @@ impl ResponseStore {
         Some((segment, v))
     }
 
-    /// The segments folder (none for the offline tools).
-    pub(crate) fn dir(&self) -> Option<&Path> {
-        self.dir.as_deref()
+    /// The segments folder and the index (none for the offline tools).
+    pub(crate) fn files(&self) -> Option<(PathBuf, Arc<ResponseIndex>)> {
+        Some((self.dir.clone()?, Arc::clone(self.index.as_ref()?)))
     }
 
-    /// `records` were written to `segment` at `refs`: each slot still holding that very
-    /// record now points at the file instead.
-    pub(crate) fn filed(
-        &mut self,
-        segment: u32,
-        records: &[Arc<StoredResponse>],
-        refs: &[FiledRef],
-    ) {
-        assert_eq!(records.len(), refs.len(), "one place per record");
-        let mut n = 0u64;
-        for (r, f) in records.iter().zip(refs) {
-            debug_assert_eq!((r.at_ms, r.fingerprint), (f.at_ms, f.fingerprint));
+    /// `records` are filed and indexed: each slot still holding that very record leaves
+    /// memory (the index answers for it from now on).
+    pub(crate) fn forget_filed(&mut self, records: &[Arc<StoredResponse>]) {
+        for r in records {
             let id = key_id(r.scope, &r.key);
-            if let Some(slot) = self.slots.get_mut(&id) {
-                if matches!(slot, Slot::Done(d) if Arc::ptr_eq(d, r)) {
-                    *slot = Slot::Filed(*f);
-                    n += 1;
-                }
+            if matches!(self.slots.get(&id), Some(Slot::Done(d)) if Arc::ptr_eq(d, r)) {
+                self.slots.remove(&id);
             }
         }
-        let previous = self.segments.insert(segment, n);
-        assert!(previous.is_none(), "segment {segment} is new");
+        let slots = &self.slots;
+        self.order
+            .retain(|(at, id)| matches!(slots.get(id), Some(Slot::Done(r)) if r.at_ms == *at));
+        self.generation += 1;
     }
 
-    /// The image's list (every filed, unexpired record, unsorted: see `ImageList`) and the
-    /// segments it does not reference, which may be deleted once that image is durable.
-    /// Every record is filed when this runs under the snapshot: ones stored since are in
-    /// the log after the image's LSN.
-    pub(crate) fn image(&mut self, now_ms: u64) -> (ImageList, Vec<u32>) {
-        self.expire(now_ms);
-        let listed: Vec<FiledResponse> = self
-            .slots
-            .iter()
-            .filter_map(|(id, s)| match s {
-                Slot::Filed(f) => Some(FiledResponse { id: *id, at: *f }),
-                _ => None,
-            })
-            .collect();
-        let unreferenced = self
-            .segments
-            .iter()
-            .filter(|(_, n)| **n == 0)
-            .map(|(s, _)| *s)
-            .collect();
-        (ImageList(listed), unreferenced)
+    /// Segments to delete now (emptied before the previous snapshot).
+    pub(crate) fn take_dead(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.dead)
     }
 
-    /// `segments` were deleted (after an image without them was written).
-    pub(crate) fn deleted(&mut self, segments: &[u32]) {
-        for s in segments {
-            let n = self.segments.remove(s);
-            assert_eq!(n, Some(0), "only unreferenced segments are deleted");
-        }
+    /// Segments that emptied now: deleted at the next snapshot.
+    pub(crate) fn set_dead(&mut self, segments: Vec<u32>) {
+        self.dead = segments;
     }
 
-    /// Loads an image's list. Segments it names are known even when every record in them
-    /// has expired (so the next snapshot deletes them).
-    pub(crate) fn restore(&mut self, listed: Vec<FiledResponse>, now_ms: u64) {
-        for f in listed {
-            let n = self.segments.entry(f.at.segment).or_insert(0);
-            if now_ms.saturating_sub(f.at.at_ms) >= self.retention_ms {
-                continue;
-            }
-            *n += 1;
-            self.order.push_back((f.at.at_ms, f.id));
-            let previous = self.slots.insert(f.id, Slot::Filed(f.at));
-            assert!(previous.is_none(), "an image lists a key once");
-        }
-        self.next_segment = self
-            .segments
-            .keys()
-            .next_back()
-            .map_or(1, |s| s.checked_add(1).expect("segment numbers last"));
-    }
-
-    /// Attaches the segments folder at open: deletes segments the image does not name
-    /// (written by a snapshot that crashed before its image), checks that every named one
-    /// exists.
+    /// Attaches the segments folder and the response index at open. A fresh or unusable
+    /// index is rebuilt from every segment present; otherwise segments the index does not
+    /// name (written by a snapshot that crashed before indexing them: the log still holds
+    /// their records) are deleted, and a named one that is missing refuses to open.
+    /// Records replay brought back into memory that the index already has are dropped.
     pub(crate) fn attach(&mut self, data_dir: &Path) -> Result<(), ArchiveError> {
         let dir = crate::engine::response_files::responses_dir(data_dir);
         let present = crate::engine::response_files::open_dir(data_dir)?;
-        let orphans: Vec<u32> = present
-            .iter()
-            .copied()
-            .filter(|s| !self.segments.contains_key(s))
-            .collect();
-        if !orphans.is_empty() {
-            tracing::warn!(segments = ?orphans, "stored responses: segments no image names deleted");
-        }
-        crate::engine::response_files::delete(&dir, &orphans)?;
-        for (&s, &n) in &self.segments {
-            if n > 0 && !crate::engine::response_files::exists(&dir, s) {
-                return Err(ArchiveError::Corrupt {
-                    path: dir.join(format!("{s:010}")),
-                    offset: 0,
-                    reason: "a segment the snapshot image references is missing".into(),
-                });
+        let (index, usable) = ResponseIndex::open(data_dir)?;
+        if usable {
+            let named: HashMap<u32, u64> = index.segments()?.into_iter().collect();
+            let orphans: Vec<u32> = present
+                .iter()
+                .copied()
+                .filter(|s| !named.contains_key(s))
+                .collect();
+            if !orphans.is_empty() {
+                tracing::warn!(segments = ?orphans, "stored responses: segments the index does not name deleted");
+            }
+            crate::engine::response_files::delete(&dir, &orphans)?;
+            for (&s, &n) in &named {
+                if n > 0 && !crate::engine::response_files::exists(&dir, s) {
+                    return Err(ArchiveError::Corrupt {
+                        path: dir.join(format!("{s:010}")),
+                        offset: 0,
+                        reason: "a segment the response index references is missing".into(),
+                    });
+                }
+            }
+        } else {
+            // Oldest first, so a key stored again later ends with its newest record.
+            for &s in &present {
+                let records: Vec<(u128, FiledRef)> =
+                    crate::engine::response_files::read_segment(&dir, s)?
+                        .into_iter()
+                        .map(|(f, r)| (key_id(r.scope, &r.key), f))
+                        .collect();
+                index.add(&[s], &records)?;
             }
         }
-        let newest = present.iter().copied().max().unwrap_or(0);
+        let segments = index.segments()?;
+        let mut filed_already = Vec::new();
+        for (id, slot) in &self.slots {
+            if let Slot::Done(r) = slot {
+                if index
+                    .get(*id)?
+                    .is_some_and(|f| f.at_ms == r.at_ms && f.fingerprint == r.fingerprint)
+                {
+                    filed_already.push(Arc::clone(r));
+                }
+            }
+        }
+        let newest = present
+            .iter()
+            .copied()
+            .chain(segments.iter().map(|(s, _)| *s))
+            .max()
+            .unwrap_or(0);
         self.next_segment = self
             .next_segment
             .max(newest.checked_add(1).expect("segment numbers last"));
+        self.dead = segments
+            .iter()
+            .filter(|(_, n)| *n == 0)
+            .map(|(s, _)| *s)
+            .collect();
+        self.index = Some(Arc::new(index));
         self.dir = Some(dir);
+        self.forget_filed(&filed_already);
         Ok(())
     }
 }
@@ -376,15 +345,28 @@ impl crate::engine::Engine {
     /// Starts a keyed request (see `Begin`).
     pub fn idempotency_begin(&self, scope: u128, key: &str, fingerprint: [u8; 32]) -> Begin {
         let now = self.now_ms();
+        let id = key_id(scope, key);
+        // The index is read before the lock every keyed request takes (a disk read must
+        // not hold it), and again under it only if records were filed meanwhile.
+        let (files, generation) = {
+            let store = self.inner.responses.lock().expect("not poisoned");
+            (store.files(), store.generation)
+        };
+        let early = files.as_ref().map(|(_, ix)| ix.get(id));
         let (found, dir) = {
             let mut store = self.inner.responses.lock().expect("not poisoned");
-            match store.lookup(scope, key, fingerprint, now) {
+            let filed = |s: &ResponseStore| match (&files, early) {
+                (None, _) => Ok(None),
+                (Some(_), Some(r)) if s.generation == generation => r.map_err(|e| e.to_string()),
+                (Some((_, ix)), _) => ix.get(id).map_err(|e| e.to_string()),
+            };
+            match store.lookup(scope, key, fingerprint, now, filed) {
                 Lookup::Ready(b) => return b,
-                Lookup::Filed(f) => (f, store.dir().map(Path::to_path_buf)),
+                Lookup::Filed(f) => (f, files.map(|(dir, _)| dir)),
             }
         };
-        // Read outside the lock every keyed request takes: a small positional read, from
-        // the page cache unless the response is old.
+        // Read outside the lock: a small positional read, from the page cache unless the
+        // response is old.
         let Some(dir) = dir else {
             return Begin::Unreadable("stored responses are not attached".into());
         };
@@ -482,9 +464,39 @@ mod tests {
         assert_eq!(s.len(), 0);
     }
 
-    /// Filing through real files: bodies leave memory, repeats read them back, a replayed
-    /// copy of a filed record is not stored twice, expired segments become deletable, and
-    /// a restore from the image's list answers like before.
+    /// Files `s`'s in-memory responses the way a snapshot does: a segment, then the index,
+    /// then memory forgets them. Returns the segment and where each record went.
+    fn file(s: &mut ResponseStore) -> (u32, Vec<FiledRef>) {
+        let (segment, due) = s.due_for_filing().unwrap();
+        let (dir, index) = s.files().unwrap();
+        let refs = crate::engine::response_files::write_segment(&dir, segment, &due).unwrap();
+        let rows: Vec<(u128, FiledRef)> = due
+            .iter()
+            .zip(&refs)
+            .map(|(r, f)| (key_id(r.scope, &r.key), *f))
+            .collect();
+        index.add(&[segment], &rows).unwrap();
+        s.forget_filed(&due);
+        (segment, refs)
+    }
+
+    fn filed_place(s: &mut ResponseStore, key: &str, fp: u8, now_ms: u64) -> Option<FiledRef> {
+        let index = s.files().map(|(_, ix)| ix);
+        let lookup = s.lookup(1, key, [fp; 32], now_ms, |_| match &index {
+            Some(ix) => ix.get(key_id(1, key)).map_err(|e| e.to_string()),
+            None => Ok(None),
+        });
+        match lookup {
+            Lookup::Filed(f) => Some(f),
+            Lookup::Ready(_) => None,
+        }
+    }
+
+    /// Filing through real files and the on-disk index: bodies and places leave memory,
+    /// repeats read them back, a replayed copy of a filed record is dropped at attach,
+    /// retention empties a segment which is then deleted, a segment the index does not name
+    /// goes at open, a deleted index is rebuilt from the segments, and a named segment
+    /// that is missing refuses to open.
     #[test]
     fn filed_responses_are_read_back_and_their_segments_retire() {
         let data = tempfile::tempdir().unwrap();
@@ -492,57 +504,69 @@ mod tests {
         s.attach(data.path()).unwrap();
         s.insert(rec("a", 1, 10), 10);
         s.insert(rec("b", 2, 20), 20);
-        let (segment, due) = s.due_for_filing().unwrap();
-        let dir = s.dir().unwrap().to_path_buf();
-        let refs = crate::engine::response_files::write_segment(&dir, segment, &due).unwrap();
-        s.filed(segment, &due, &refs);
+        let (segment, refs) = file(&mut s);
         assert!(s.due_for_filing().is_none(), "nothing left in memory");
-        let f = match s.lookup(1, "a", [1; 32], 30) {
-            Lookup::Filed(f) => f,
-            _ => panic!("a filed record is looked up on disk"),
-        };
+        assert_eq!(s.slots.len(), 0);
+        assert!(
+            s.order.is_empty(),
+            "the expiry queue forgets filed records too"
+        );
+        assert_eq!(s.len(), 2, "both are remembered, on disk");
+        let dir = s.files().unwrap().0;
+        let f = filed_place(&mut s, "a", 1, 30).expect("a filed record is found on disk");
+        assert_eq!(f, refs[0]);
         let back = crate::engine::response_files::read(&dir, &f).unwrap();
         assert_eq!(back, rec("a", 1, 10));
         assert!(matches!(s.begin(1, "a", [7; 32], 30), Begin::Mismatch));
-        // The log replays a record the snapshot already filed: still one filed slot.
-        s.insert(rec("b", 2, 20), 30);
-        assert!(s.due_for_filing().is_none());
-        let (listed, unreferenced) = s.image(30);
-        let listed = listed.into_sorted();
-        assert_eq!(listed.len(), 2);
-        assert!(unreferenced.is_empty());
-        // A restore from that list (a restart) finds both on disk.
+        drop(s);
+
+        // A restart: the log replays a record the snapshot already filed; attach drops it.
         let mut r = ResponseStore::new(1000, 100);
-        r.restore(listed.clone(), 40);
+        r.insert(rec("b", 2, 20), 40);
         r.attach(data.path()).unwrap();
-        assert!(matches!(r.lookup(1, "b", [2; 32], 40), Lookup::Filed(_)));
-        // Past retention the segment is unreferenced, deleted after the next image.
-        let (listed, unreferenced) = s.image(1020);
-        let listed = listed.into_sorted();
-        assert!(listed.is_empty());
-        assert_eq!(unreferenced, vec![segment]);
-        crate::engine::response_files::delete(&dir, &unreferenced).unwrap();
-        s.deleted(&unreferenced);
+        assert!(r.due_for_filing().is_none(), "not filed twice");
+        assert!(filed_place(&mut r, "b", 2, 40).is_some());
+        // Past retention: the rows go, the segment empties, waits a snapshot, is deleted.
+        let (_, index) = r.files().unwrap();
+        let (removed, empty) = index.expire(1021 - 1000, &[]).unwrap();
+        assert_eq!((removed, empty.clone()), (2, vec![segment]));
+        assert!(matches!(r.begin(1, "a", [1; 32], 1021), Begin::Fresh));
+        r.abandon(1, "a");
+        crate::engine::response_files::delete(&dir, &empty).unwrap();
+        assert_eq!(index.expire(1021 - 1000, &empty).unwrap(), (0, vec![]));
+        assert!(index.segments().unwrap().is_empty());
         assert!(!crate::engine::response_files::exists(&dir, segment));
-        // A segment no image names (a snapshot crashed before its image) goes at open;
-        // one an image names but is missing refuses to open.
-        let stray = crate::engine::response_files::write_segment(&dir, 9, &due).unwrap();
-        assert_eq!(stray.len(), 2);
+        assert_eq!(r.len(), 0);
+
+        // A segment the index does not name (a snapshot crashed before indexing it) goes
+        // at open.
+        let due = vec![Arc::new(rec("z", 3, 1500))];
+        crate::engine::response_files::write_segment(&dir, 9, &due).unwrap();
+        r.insert(rec("c", 4, 1500), 1500);
+        let (kept, _) = file(&mut r);
+        drop((r, index));
         let mut fresh = ResponseStore::new(1000, 100);
         fresh.attach(data.path()).unwrap();
         assert!(!crate::engine::response_files::exists(&dir, 9));
-        let mut broken = ResponseStore::new(1000, 100);
-        broken.restore(listed_of(&refs), 40);
-        assert!(broken.attach(data.path()).is_err());
-    }
+        assert!(crate::engine::response_files::exists(&dir, kept));
+        drop(fresh);
 
-    fn listed_of(refs: &[FiledRef]) -> Vec<FiledResponse> {
-        refs.iter()
-            .enumerate()
-            .map(|(i, f)| FiledResponse {
-                id: i as u128,
-                at: *f,
-            })
-            .collect()
+        // The index deleted: rebuilt from the segments present.
+        let index_file = crate::engine::response_index::response_index_path(data.path());
+        std::fs::remove_file(&index_file).unwrap();
+        let mut rebuilt = ResponseStore::new(1000, 100);
+        rebuilt.attach(data.path()).unwrap();
+        assert_eq!(rebuilt.len(), 1);
+        let c = filed_place(&mut rebuilt, "c", 4, 1600).expect("found after the rebuild");
+        assert_eq!(
+            crate::engine::response_files::read(&dir, &c).unwrap(),
+            rec("c", 4, 1500)
+        );
+        drop(rebuilt);
+
+        // A segment the index names with live records, missing: refuses to open.
+        std::fs::remove_file(dir.join(format!("{kept:010}"))).unwrap();
+        let mut broken = ResponseStore::new(1000, 100);
+        assert!(broken.attach(data.path()).is_err());
     }
 }

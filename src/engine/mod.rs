@@ -18,12 +18,13 @@ pub mod journal;
 pub mod rebuild;
 pub mod reconcile;
 pub(crate) mod response_files;
+pub(crate) mod response_index;
 pub mod scheduler;
 pub mod snapshot;
 pub mod wallet;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -180,7 +181,7 @@ pub struct Recovery {
     pub events_replayed: u64,
     /// Wallets in memory after recovery.
     pub wallets: usize,
-    /// Batches recovered (active and finished).
+    /// Batches recovered (active and finished, archived ones included).
     pub batches: usize,
 }
 
@@ -269,6 +270,65 @@ fn unavailable(e: impl std::fmt::Display) -> WalletError {
     WalletError::Unavailable(e.to_string())
 }
 
+/// Opens the batch archive and its index, and brings the index up to the archive: the
+/// records a crash left unindexed (archived, then the crash before the index committed)
+/// are indexed now. An index that is damaged, of another format, or ahead of the archive
+/// is rebuilt from the whole archive, a chunk of records per transaction, so memory stays
+/// bounded however long the archive is.
+fn open_archive(
+    data_dir: &std::path::Path,
+) -> Result<(batch::archive::BatchArchive, batch::index::ArchiveIndex), EngineError> {
+    use batch::archive::{ArchiveError, ArchiveRef, BatchArchive};
+    use batch::state::BatchState;
+    /// Records indexed per transaction while catching up.
+    const CHUNK_RECORDS: usize = 4096;
+    let mut index = batch::index::ArchiveIndex::open(data_dir)?;
+    // Two tries at most: from where the index stops, then (it was wrong) from the start.
+    for attempt in 0..2 {
+        let from = index.totals().covered_bytes;
+        let mut chunk: Vec<(ArchiveRef, BatchState)> = Vec::new();
+        let flush = |chunk: &mut Vec<(ArchiveRef, BatchState)>| -> Result<(), ArchiveError> {
+            let Some((last, _)) = chunk.last() else {
+                return Ok(());
+            };
+            let end = last.end();
+            let records: Vec<(ArchiveRef, &BatchState)> =
+                chunk.iter().map(|(r, s)| (*r, s)).collect();
+            index.add(&records, end)?;
+            chunk.clear();
+            Ok(())
+        };
+        let opened = BatchArchive::open(data_dir, from, &mut |r, s| {
+            chunk.push((r, s));
+            if chunk.len() >= CHUNK_RECORDS {
+                flush(&mut chunk)?;
+            }
+            Ok(())
+        });
+        match opened {
+            Ok(archive) => {
+                flush(&mut chunk)?;
+                assert_eq!(
+                    index.totals().covered_bytes,
+                    archive.bytes(),
+                    "the index covers the whole archive"
+                );
+                return Ok((archive, index));
+            }
+            Err(ArchiveError::Corrupt { reason, offset, .. }) if from > 0 && attempt == 0 => {
+                tracing::warn!(
+                    offset,
+                    %reason,
+                    "archive index disagrees with the archive: rebuilding it"
+                );
+                index = index.reset()?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    unreachable!("the second try starts from 0 and either opens or fails")
+}
+
 impl Engine {
     /// Recovers the data directory and starts the actors.
     pub fn open(cfg: EngineConfig) -> Result<(Engine, Recovery), EngineError> {
@@ -285,9 +345,10 @@ impl Engine {
             },
         )?;
 
-        let (archive, archived) = batch::archive::BatchArchive::open(&cfg.data_dir)?;
-        let mut rebuilt =
-            rebuild::Rebuilt::from_snapshot(&cfg, lookup.snapshot.as_ref(), archived)?;
+        let (archive, index) = open_archive(&cfg.data_dir)?;
+        let archived = |id| Ok(index.batch(id)?.map(|i| i.last_lsn));
+        let mut rebuilt = rebuild::Rebuilt::from_image(&cfg, lookup.snapshot.as_ref())?;
+        rebuilt.forget_archived(&archived)?;
         let from = rebuilt.next_lsn();
         if report.frames > 0 && wal.first_lsn() > from {
             return Err(EngineError::Gap {
@@ -295,11 +356,10 @@ impl Engine {
                 first: wal.first_lsn(),
             });
         }
-        rebuilt.replay(&mut wal.replay(from)?)?;
+        rebuilt.replay(&mut wal.replay(from)?, &archived)?;
         let rebuild::Rebuilt {
             wallets: states,
             batches,
-            archived,
             accounts,
             responses,
             hooks,
@@ -426,12 +486,14 @@ impl Engine {
             provider_stats: Arc::default(),
             outbox: Arc::clone(&engine.inner.outbox),
             archive: Arc::new(archive),
+            index: Arc::new(index),
+            archiving_stopped: Default::default(),
             recent_large: Default::default(),
         });
         let _ = engine.inner.batches.set(ctx);
         *engine.inner.workers.lock().expect("not poisoned") = Some(workers);
-        let batches_n = batches.len();
-        batch::restore(&engine, batches, &holds, &archived)?;
+        let batches_n = batches.len() + engine.batch_ctx().index.totals().archived as usize;
+        batch::restore(&engine, batches, &holds)?;
         engine.start_ticker();
         let recovery = Recovery {
             wal: report,
@@ -935,26 +997,17 @@ impl Engine {
         let responses_filed = self.file_responses(due).await?;
         let responses_ms = ms(step);
         let step = Instant::now();
+        let responses_expired = self.expire_responses().await?;
+        let expire_ms = ms(step);
+        let step = Instant::now();
         let (ledger_pages, holds_retired) = self.compact_wallets(&mut wallets).await?;
         let compact_ms = ms(step);
-        // Idempotent requests wait for this lock: its hold time is logged on its own.
-        let step = Instant::now();
-        let (responses, unreferenced) = i
-            .responses
-            .lock()
-            .expect("not poisoned")
-            .image(self.now_ms());
-        let response_image_ms = ms(step);
-        let step = Instant::now();
-        let responses = responses.into_sorted();
-        let response_sort_ms = ms(step);
         let step = Instant::now();
         let bytes = snapshot::encode(&EngineImage {
             covered_lsn,
             wallets,
             batches,
             accounts,
-            responses,
             webhooks,
             access,
             access_lsn,
@@ -965,7 +1018,6 @@ impl Engine {
         wal::write_snapshot(&snap_dir, covered_lsn, &bytes)?;
         let write_ms = ms(step);
         i.wal.drop_segments_below(covered_lsn)?;
-        self.delete_response_segments(unreferenced).await?;
         wal::prune_snapshots(&snap_dir, i.cfg.snapshots_kept.max(1))?;
         i.events_at_last_snapshot.store(appended, Ordering::Relaxed);
         *i.last_snapshot.lock().expect("not poisoned") = Instant::now();
@@ -985,13 +1037,13 @@ impl Engine {
             capture_ms = captured.as_millis() as u64,
             batches_archived = archived,
             responses_filed,
+            responses_expired,
             ledger_pages,
             holds_retired,
             archive_ms,
             responses_ms,
+            expire_ms,
             compact_ms,
-            response_image_ms,
-            response_sort_ms,
             encode_ms,
             write_ms,
             trim_ms,
@@ -1001,8 +1053,8 @@ impl Engine {
         Ok(covered_lsn)
     }
 
-    /// Writes the responses due for filing to their segment (off the async threads) and
-    /// points their slots at it; returns how many were written.
+    /// Writes the responses due for filing to their segment and indexes them (off the
+    /// async threads), then lets memory forget them; returns how many were written.
     async fn file_responses(
         &self,
         due: Option<(u32, Vec<Arc<StoredResponse>>)>,
@@ -1010,29 +1062,57 @@ impl Engine {
         let Some((segment, records)) = due else {
             return Ok(0);
         };
-        let Some(dir) = self
-            .inner
-            .responses
-            .lock()
-            .expect("not poisoned")
-            .dir()
-            .map(Path::to_path_buf)
-        else {
+        let Some((dir, index)) = self.inner.responses.lock().expect("not poisoned").files() else {
             return Ok(0);
         };
-        let (records, refs) = tokio::task::spawn_blocking(move || {
-            let refs = response_files::write_segment(&dir, segment, &records);
-            (records, refs)
+        let (records, written) = tokio::task::spawn_blocking(move || {
+            let written = response_files::write_segment(&dir, segment, &records).and_then(|refs| {
+                let rows: Vec<(u128, response_files::FiledRef)> = records
+                    .iter()
+                    .zip(refs)
+                    .map(|(r, f)| (crate::engine::idempotency::key_id(r.scope, &r.key), f))
+                    .collect();
+                index.add(&[segment], &rows)
+            });
+            (records, written)
         })
         .await
         .map_err(|e| EngineError::System(e.to_string()))?;
-        let refs = refs?;
+        written?;
         self.inner
             .responses
             .lock()
             .expect("not poisoned")
-            .filed(segment, &records, &refs);
+            .forget_filed(&records);
         Ok(records.len())
+    }
+
+    /// Retention for filed responses: segments emptied before the previous snapshot are
+    /// deleted, expired rows leave the index, and segments that emptied now wait for the
+    /// next snapshot. Returns how many responses expired.
+    async fn expire_responses(&self) -> Result<usize, EngineError> {
+        let (files, dead) = {
+            let mut r = self.inner.responses.lock().expect("not poisoned");
+            (r.files(), r.take_dead())
+        };
+        let Some((dir, index)) = files else {
+            return Ok(0);
+        };
+        let cutoff_ms = self
+            .now_ms()
+            .saturating_sub(self.inner.cfg.idempotency_retention_ms);
+        let (removed, empty) = tokio::task::spawn_blocking(move || {
+            response_files::delete(&dir, &dead)?;
+            index.expire(cutoff_ms, &dead)
+        })
+        .await
+        .map_err(|e| EngineError::System(e.to_string()))??;
+        self.inner
+            .responses
+            .lock()
+            .expect("not poisoned")
+            .set_dead(empty);
+        Ok(removed)
     }
 
     /// Makes the captured wallets and their live actors smaller, the same way: ledger
@@ -1048,7 +1128,7 @@ impl Engine {
             .iter()
             .flat_map(|w| w.retirable_holds(|_| true))
             .collect();
-        let archived = self.archived_among(&finished);
+        let archived = self.archived_among(&finished)?;
         let mut pages = Vec::new();
         let mut plans = Vec::new();
         for (i, w) in wallets.iter().enumerate() {
@@ -1117,31 +1197,6 @@ impl Engine {
         Ok((filed.len(), retired))
     }
 
-    /// Deletes response segments no durable image references any more.
-    async fn delete_response_segments(&self, segments: Vec<u32>) -> Result<(), EngineError> {
-        let dir = self
-            .inner
-            .responses
-            .lock()
-            .expect("not poisoned")
-            .dir()
-            .map(Path::to_path_buf);
-        let (Some(dir), false) = (dir, segments.is_empty()) else {
-            return Ok(());
-        };
-        let segments = tokio::task::spawn_blocking(move || {
-            response_files::delete(&dir, &segments).map(|()| segments)
-        })
-        .await
-        .map_err(|e| EngineError::System(e.to_string()))??;
-        self.inner
-            .responses
-            .lock()
-            .expect("not poisoned")
-            .deleted(&segments);
-        Ok(())
-    }
-
     /// Stops the engine: optionally a final snapshot, then the log is flushed and closed
     /// and the actors stopped. Later operations fail with `Unavailable`.
     pub async fn shutdown(&self, final_snapshot: bool) -> Result<(), EngineError> {
@@ -1161,6 +1216,7 @@ impl Engine {
             Ok(())
         };
         let closed = i.wal.close();
+        i.close_indexes();
         i.system.stop();
         let thread = i.system_thread.lock().expect("not poisoned").take();
         if let Some(t) = thread {
@@ -1175,12 +1231,26 @@ impl Engine {
     }
 }
 
+impl Inner {
+    /// Closes the on-disk indexes: requests still in flight get `Unavailable`, and a new
+    /// engine in this process can open the same directory (redb locks an open file).
+    fn close_indexes(&self) {
+        if let Some(ctx) = self.batches.get() {
+            ctx.index.close();
+        }
+        if let Some((_, index)) = self.responses.lock().ok().and_then(|r| r.files()) {
+            index.close();
+        }
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         // Close the log first: actors on arbiter threads and tasks on the worker runtime
         // may outlive this drop for a moment, and none of them may write to the files
         // after it returns (a new engine may already be opening the same directory).
         let _ = self.wal.close();
+        self.close_indexes();
         self.stop_ticker.store(true, Ordering::Release);
         self.system.stop();
         if let Some(t) = self.system_thread.lock().ok().and_then(|mut g| g.take()) {

@@ -19,14 +19,15 @@ use crate::ids::{BatchId, TenantId};
 use crate::webhooks::payload;
 use crate::webhooks::state::OutboxState;
 
+/// The archived copy's `last_lsn` of a batch, if the archive holds it.
+pub(crate) type Archived<'a> = &'a dyn Fn(BatchId) -> Result<Option<u64>, EngineError>;
+
 /// Everything recovery rebuilds before any actor starts.
 pub(crate) struct Rebuilt {
     /// Wallets by tenant.
     pub(crate) wallets: HashMap<TenantId, WalletState>,
     /// Batches (active and finished) by id.
     pub(crate) batches: HashMap<BatchId, BatchState>,
-    /// Batches read from the archive: where, and the `last_lsn` read there.
-    pub(crate) archived: HashMap<BatchId, (ArchiveRef, u64)>,
     /// Tenants and keys.
     pub(crate) accounts: AccountsState,
     /// Stored idempotent responses.
@@ -46,30 +47,48 @@ pub(crate) struct Rebuilt {
 }
 
 impl Rebuilt {
-    /// The state of a snapshot (or the empty state without one) and of the batch archive's
-    /// records. An archived batch replaces an older copy in the image (a crash between the
-    /// archive's sync and the image's rename leaves both); the log's replay then skips
-    /// its events, all at or below its `last_lsn`.
-    pub(crate) fn from_snapshot(
+    /// The state of a snapshot (or the empty state without one) and every batch in the
+    /// archive (the offline tools: they want every batch in memory). An archived batch
+    /// replaces an older copy in the image (a crash between the archive's sync and the
+    /// image's rename leaves both); the log's replay then skips its events, all at or
+    /// below its `last_lsn`.
+    pub(crate) fn with_archive(
         cfg: &EngineConfig,
         snap: Option<&wal::Snapshot>,
         archive: Vec<(ArchiveRef, BatchState)>,
     ) -> Result<Rebuilt, EngineError> {
         let mut r = Self::from_image(cfg, snap)?;
-        for (at, state) in archive {
+        for (_, state) in archive {
             if r.batches
                 .get(&state.id)
                 .is_some_and(|b| b.last_lsn > state.last_lsn)
             {
                 continue;
             }
-            r.archived.insert(state.id, (at, state.last_lsn));
             r.batches.insert(state.id, state);
         }
         Ok(r)
     }
 
-    fn from_image(
+    /// Drops the image's copies of batches the archive holds (`archived`: the archived
+    /// copy's `last_lsn`), as new or newer: the server keeps archived batches on disk only.
+    /// The image's copy may be of a batch still running (a crash after a later snapshot
+    /// archived it, before that snapshot's image was renamed): the archived copy is its
+    /// final state, and replay skips the events in between.
+    pub(crate) fn forget_archived(&mut self, archived: Archived<'_>) -> Result<(), EngineError> {
+        let mut gone = Vec::new();
+        for (id, b) in &self.batches {
+            if archived(*id)?.is_some_and(|lsn| lsn >= b.last_lsn) {
+                gone.push(*id);
+            }
+        }
+        for id in gone {
+            self.batches.remove(&id);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn from_image(
         cfg: &EngineConfig,
         snap: Option<&wal::Snapshot>,
     ) -> Result<Rebuilt, EngineError> {
@@ -78,7 +97,6 @@ impl Rebuilt {
         let mut r = Rebuilt {
             wallets: HashMap::new(),
             batches: HashMap::new(),
-            archived: HashMap::new(),
             accounts: AccountsState::default(),
             responses: ResponseStore::new(cfg.idempotency_retention_ms, cfg.idempotency_keys_max),
             hooks: OutboxState::new(hook_limits),
@@ -106,7 +124,6 @@ impl Rebuilt {
             r.batches.insert(b.id, b);
         }
         r.accounts = image.accounts;
-        r.responses.restore(image.responses, boot_ms);
         r.hooks = OutboxState::from_image(image.webhooks, hook_limits);
         r.access.restore(image.access, image.access_lsn);
         r.snapshot_lsn = Some(snap.lsn);
@@ -121,20 +138,30 @@ impl Rebuilt {
 
     /// Applies every frame of `replay` (records at or below what a part of the state
     /// already covers are skipped: a snapshot is fuzzy, each part has its own LSN).
-    pub(crate) fn replay(&mut self, replay: &mut wal::Replay) -> Result<(), EngineError> {
+    /// `archived` answers for batches not in memory: the archived copy's `last_lsn`.
+    pub(crate) fn replay(
+        &mut self,
+        replay: &mut wal::Replay,
+        archived: Archived<'_>,
+    ) -> Result<(), EngineError> {
         while let Some(frame) = replay.next_frame()? {
             let lsn = frame.lsn;
             let record = journal::decode(frame.payload).map_err(|e| EngineError::Record {
                 lsn,
                 reason: e.to_string(),
             })?;
-            self.apply(record, lsn)?;
+            self.apply(record, lsn, archived)?;
             self.last_lsn = lsn;
         }
         Ok(())
     }
 
-    fn apply(&mut self, record: Record, lsn: u64) -> Result<(), EngineError> {
+    fn apply(
+        &mut self,
+        record: Record,
+        lsn: u64,
+        archived: Archived<'_>,
+    ) -> Result<(), EngineError> {
         let hooks = &mut self.hooks;
         let applied = match record {
             Record::Wallet { tenant, event } => {
@@ -186,6 +213,12 @@ impl Rebuilt {
                     spec,
                     at_ms,
                 } => match self.batches.entry(batch) {
+                    // Archived (and so not in memory): its events are all in the archive.
+                    std::collections::hash_map::Entry::Vacant(_)
+                        if archived(batch)?.is_some_and(|last| lsn <= last) =>
+                    {
+                        false
+                    }
                     std::collections::hash_map::Entry::Vacant(v) => {
                         v.insert(BatchState::created(batch, tenant, *spec, at_ms, lsn));
                         true
@@ -202,6 +235,11 @@ impl Rebuilt {
                     fresh
                 }
                 event => {
+                    if !self.batches.contains_key(&batch)
+                        && archived(batch)?.is_some_and(|last| lsn <= last)
+                    {
+                        return Ok(());
+                    }
                     let state =
                         self.batches
                             .get_mut(&batch)
@@ -254,7 +292,7 @@ pub struct Offline {
 pub fn load_offline(cfg: &EngineConfig, data_dir: &Path) -> Result<Offline, EngineError> {
     let lookup = wal::find_latest_snapshot(&crate::snapshot_dir(data_dir), cfg.snapshot_bytes_max)?;
     let archive = crate::engine::batch::archive::BatchArchive::read_only(data_dir)?;
-    let mut r = Rebuilt::from_snapshot(cfg, lookup.snapshot.as_ref(), archive)?;
+    let mut r = Rebuilt::with_archive(cfg, lookup.snapshot.as_ref(), archive)?;
     let wal_dir = crate::wal_dir(data_dir);
     let (scan, mut replay) = match wal::read_only(&wal_dir, r.next_lsn()) {
         Ok(x) => x,
@@ -266,7 +304,7 @@ pub fn load_offline(cfg: &EngineConfig, data_dir: &Path) -> Result<Offline, Engi
         }
         Err(e) => return Err(e.into()),
     };
-    r.replay(&mut replay)?;
+    r.replay(&mut replay, &|_| Ok(None))?;
     let mut wallets: Vec<WalletState> = r.wallets.into_values().collect();
     wallets.sort_by_key(|w| w.tenant);
     // The offline tools see every entry: filed pages go back in front of each tail.

@@ -340,7 +340,7 @@ impl crate::engine::Engine {
         }
         let seen: HashSet<BatchId> = batches.iter().map(|b| b.id).collect();
         let young: HashSet<BatchId> = self
-            .batch_ids()
+            .batch_ids()?
             .into_iter()
             .filter(|b| !seen.contains(b))
             .collect();

@@ -11,11 +11,11 @@
 //! Record: the engine's archive framing (`engine::framing`) around an rkyv StoredResponse.
 //! ```
 //!
-//! Lifecycle: a segment is referenced by the snapshot images written after it. It is
-//! deleted only after an image that no longer references it is durable (every record in it
-//! expired or was stored again later), so the newest image never points at a missing
-//! file. A segment the newest image does not reference (written by a snapshot that crashed
-//! before its image) is deleted at open: the log still holds its records.
+//! Lifecycle: a segment is referenced by the response index (`response_index`) from the
+//! transaction that indexes its records. It is deleted one snapshot after its last record
+//! expired or was stored again later. A segment the index does not name (written by a
+//! snapshot that crashed before indexing it) is deleted at open: the log still holds its
+//! records. A lost index is rebuilt from the segments present.
 //!
 //! This module only reads and writes files; `idempotency.rs` decides what goes where.
 
@@ -185,4 +185,51 @@ pub(crate) fn delete(dir: &Path, segments: &[u32]) -> Result<(), ArchiveError> {
     }
     wal::fsync_dir(dir)?;
     Ok(())
+}
+
+/// Every record of segment `segment`, validated, with where each one is (rebuilding the
+/// response index). A segment under its final name is complete, so any record that does
+/// not validate is damage.
+pub(crate) fn read_segment(
+    dir: &Path,
+    segment: u32,
+) -> Result<Vec<(FiledRef, StoredResponse)>, ArchiveError> {
+    let path = segment_path(dir, segment);
+    let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    // Bounded by the file's length: every step moves `at` forward by a whole record.
+    while at < bytes.len() {
+        let corrupt = |reason: String| ArchiveError::Corrupt {
+            path: path.clone(),
+            offset: at as u64,
+            reason,
+        };
+        if bytes.len() - at < HEADER_BYTES {
+            return Err(corrupt("a partial header".into()));
+        }
+        let header: &[u8; HEADER_BYTES] = bytes[at..at + HEADER_BYTES]
+            .try_into()
+            .expect("header length");
+        let len = framing::announced_len(header);
+        if len > u64::from(RECORD_BYTES_MAX) || len > (bytes.len() - at - HEADER_BYTES) as u64 {
+            return Err(corrupt(format!("length {len} runs past the end")));
+        }
+        let end = at + HEADER_BYTES + len as usize;
+        let aligned = framing::payload(&bytes[at..end]).map_err(corrupt)?;
+        let r = rkyv::from_bytes::<StoredResponse, rkyv::rancor::Error>(&aligned)
+            .map_err(|e| corrupt(e.to_string()))?;
+        out.push((
+            FiledRef {
+                fingerprint: r.fingerprint,
+                at_ms: r.at_ms,
+                segment,
+                len: len as u32,
+                offset: at as u64,
+            },
+            r,
+        ));
+        at = end;
+    }
+    Ok(out)
 }

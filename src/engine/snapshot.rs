@@ -11,7 +11,6 @@
 use crate::delivery::access::AccessEntry;
 use crate::engine::accounts::AccountsState;
 use crate::engine::batch::state::BatchState;
-use crate::engine::idempotency::FiledResponse;
 use crate::engine::journal::{archive_of, with_header, JournalError};
 use crate::engine::wallet::state::WalletState;
 use crate::webhooks::state::OutboxImage;
@@ -19,9 +18,10 @@ use crate::webhooks::state::OutboxImage;
 /// Version of the image encoding (the header's first byte). 3: everything up to the
 /// batch archive (images shared the log records' version until then); 4: stored
 /// responses listed by where they are filed, their bodies in the response segments; 5:
-/// wallets carry where their filed ledger pages are (`WalletState::filed`). An image of
-/// another version is refused: startup fails with the version named.
-pub const IMAGE_VERSION: u8 = 5;
+/// wallets carry where their filed ledger pages are (`WalletState::filed`); 6: no stored
+/// responses (the response index on disk has the filed ones, the log the others). An
+/// image of another version is refused: startup fails with the version named.
+pub const IMAGE_VERSION: u8 = 6;
 
 /// The engine's state at a point in the log.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -34,9 +34,6 @@ pub struct EngineImage {
     pub batches: Vec<BatchState>,
     /// Tenants and keys (with their own `last_lsn`).
     pub accounts: AccountsState,
-    /// Stored idempotent responses still within retention: where each one is in the
-    /// response segments (their bodies are never in the image).
-    pub responses: Vec<FiledResponse>,
     /// Webhook endpoints and deliveries (captured after every wallet and batch).
     pub webhooks: OutboxImage,
     /// The access log's entries kept in memory, and the LSN of the last one.

@@ -54,6 +54,13 @@ pub(crate) struct ArchiveRef {
     pub len: u32,
 }
 
+impl ArchiveRef {
+    /// Where the next record starts.
+    pub(crate) fn end(&self) -> u64 {
+        self.offset + (HEADER_BYTES as u64) + u64::from(self.len)
+    }
+}
+
 /// Why the archive could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
@@ -81,6 +88,9 @@ pub enum ArchiveError {
     /// Writing the synced-length marker, or syncing a folder, failed.
     #[error(transparent)]
     File(#[from] wal::Error),
+    /// The archive's index (`batch::index`) refused a read or a write.
+    #[error("archive index {path}: {reason}")]
+    Index { path: PathBuf, reason: String },
 }
 
 /// The archive file of a data directory.
@@ -95,13 +105,18 @@ pub(crate) type Decode<T> = fn(&[u8]) -> Result<T, String>;
 pub(crate) struct BatchArchive(RecordFile);
 
 impl BatchArchive {
-    /// Opens (or creates) the archive, cuts a torn tail, and returns the valid records'
-    /// states. Fails on damage in the middle.
+    /// Opens (or creates) the archive and cuts a torn tail. Records before `from` were
+    /// validated when they were written or first read (the index covers them); every valid
+    /// record from `from` on is decoded and handed to `visit`, in order, so recovery never
+    /// holds more than the caller keeps. Fails on damage in the middle, and when `from`
+    /// lies past the valid records (the index is ahead of the archive).
     pub(crate) fn open(
         data_dir: &Path,
-    ) -> Result<(BatchArchive, Vec<(ArchiveRef, BatchState)>), ArchiveError> {
-        let (file, records) = RecordFile::open(data_dir, archive_path(data_dir), decode_record)?;
-        Ok((BatchArchive(file), records))
+        from: u64,
+        visit: &mut dyn FnMut(ArchiveRef, BatchState) -> Result<(), ArchiveError>,
+    ) -> Result<BatchArchive, ArchiveError> {
+        let file = RecordFile::open(data_dir, archive_path(data_dir), from, decode_record, visit)?;
+        Ok(BatchArchive(file))
     }
 
     /// Reads the records of a stopped server's archive without changing it (offline tools).
@@ -151,12 +166,15 @@ pub(crate) struct RecordFile {
 
 impl RecordFile {
     /// Opens (or creates) the file at `path` (inside `data_dir`), cuts a torn tail, and
-    /// returns the valid records, decoded. Fails on damage in the middle.
+    /// hands every valid record from offset `from` on, decoded, to `visit`. Fails on damage
+    /// in the middle, and when `from` is not the start of a valid record or the end.
     pub(crate) fn open<T>(
         data_dir: &Path,
         path: PathBuf,
+        from: u64,
         decode: Decode<T>,
-    ) -> Result<(RecordFile, Vec<(ArchiveRef, T)>), ArchiveError> {
+        visit: &mut dyn FnMut(ArchiveRef, T) -> Result<(), ArchiveError>,
+    ) -> Result<RecordFile, ArchiveError> {
         let io_err = |source| ArchiveError::Io {
             path: path.clone(),
             source,
@@ -178,7 +196,7 @@ impl RecordFile {
             wal::fsync_dir(dir)?;
         }
         let durable = read_durable(&path)?;
-        let (records, valid_bytes) = scan(&file, &path, durable, decode)?;
+        let valid_bytes = scan(&file, &path, durable, from, decode, visit)?;
         let len = file.metadata().map_err(io_err)?.len();
         if len > valid_bytes {
             tracing::warn!(
@@ -189,14 +207,11 @@ impl RecordFile {
             file.set_len(valid_bytes).map_err(io_err)?;
             file.sync_data().map_err(io_err)?;
         }
-        Ok((
-            RecordFile {
-                file,
-                path,
-                end: Mutex::new(valid_bytes),
-            },
-            records,
-        ))
+        Ok(RecordFile {
+            file,
+            path,
+            end: Mutex::new(valid_bytes),
+        })
     }
 
     /// Reads the records of a stopped server's file without changing it (offline tools).
@@ -211,7 +226,12 @@ impl RecordFile {
             Err(source) => return Err(ArchiveError::Io { path, source }),
         };
         let durable = read_durable(&path)?;
-        Ok(scan(&file, &path, durable, decode)?.0)
+        let mut out = Vec::new();
+        scan(&file, &path, durable, 0, decode, &mut |r, t| {
+            out.push((r, t));
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// Appends the payloads (one record each) and syncs. Returns where each one went, in
@@ -332,21 +352,31 @@ fn write_durable(path: &Path, len: u64) -> Result<(), ArchiveError> {
     Ok(())
 }
 
+/// Validates one whole record's frame and checksum, decoding nothing.
+fn check_frame(record: &[u8]) -> Result<(), String> {
+    framing::payload(record).map(|_| ())
+}
+
 /// Validates one whole record (header + payload) and decodes its batch.
 fn decode_record(record: &[u8]) -> Result<BatchState, String> {
     let aligned = framing::payload(record)?;
     rkyv::from_bytes::<BatchState, rkyv::rancor::Error>(&aligned).map_err(|e| e.to_string())
 }
 
-/// Reads every valid record from the start; returns them and the bytes they cover. A bad
-/// record before `durable` (or a file shorter than it) is `Corrupt`; one at or after it
-/// starts a torn tail (the caller decides whether to cut it).
+/// Checks every record before `from`, then reads every valid record from `from` on and
+/// hands each to `visit`; returns the bytes
+/// the valid records cover. A bad record before `durable` (or a file shorter than it) is
+/// `Corrupt`; one at or after it starts a torn tail (the caller decides whether to cut
+/// it). `from` past the synced length is `Corrupt` too: whoever said the records up to
+/// there were valid was wrong.
 fn scan<T>(
     file: &File,
     path: &Path,
     durable: u64,
+    from: u64,
     decode: Decode<T>,
-) -> Result<(Vec<(ArchiveRef, T)>, u64), ArchiveError> {
+    visit: &mut dyn FnMut(ArchiveRef, T) -> Result<(), ArchiveError>,
+) -> Result<u64, ArchiveError> {
     let io_err = |source| ArchiveError::Io {
         path: path.to_path_buf(),
         source,
@@ -359,14 +389,43 @@ fn scan<T>(
             reason: format!("the file ends before its recorded durable length {durable}"),
         });
     }
-    let mut out = Vec::new();
+    // The index commits only after the archive's length marker: it never covers more.
+    if from > durable {
+        return Err(ArchiveError::Corrupt {
+            path: path.to_path_buf(),
+            offset: durable,
+            reason: format!("the synced length is below offset {from}, which the index covers"),
+        });
+    }
+    // Records before `from` are checked (frame and checksum) but not decoded: damage
+    // anywhere before the synced length still refuses to start, and nothing of them is
+    // kept. This reads the whole file once per start.
     let mut at = 0u64;
+    while at < from {
+        match read_record_at(file, at, file_len, check_frame) {
+            Ok((r, ())) => at = r.end(),
+            Err(reason) => {
+                return Err(ArchiveError::Corrupt {
+                    path: path.to_path_buf(),
+                    offset: at,
+                    reason,
+                })
+            }
+        }
+    }
+    if at != from {
+        return Err(ArchiveError::Corrupt {
+            path: path.to_path_buf(),
+            offset: from,
+            reason: "the index's covered length falls inside a record".into(),
+        });
+    }
     // Bounded by the file's length: every step moves `at` forward by a whole record.
     while at < file_len {
         match read_record_at(file, at, file_len, decode) {
             Ok((r, state)) => {
                 at += HEADER_BYTES as u64 + u64::from(r.len);
-                out.push((r, state));
+                visit(r, state)?;
             }
             Err(reason) if at < durable => {
                 return Err(ArchiveError::Corrupt {
@@ -375,10 +434,10 @@ fn scan<T>(
                     reason,
                 });
             }
-            Err(_) => return Ok((out, at)),
+            Err(_) => return Ok(at),
         }
     }
-    Ok((out, at))
+    Ok(at)
 }
 
 /// The record starting at `at` of a file of `file_len` bytes, validated.

@@ -9,14 +9,18 @@
 //! - `attempt.rs`  one attempt as a task: submit, durable job id, poll, fetch, store
 //!
 //! - `archive.rs`  finished batches on disk, read on demand
+//! - `index.rs`    where each archived batch, request id and video is, on disk
 //!
 //! The directory (`Directory`) maps batch ids to live actors or to finished states (in
-//! memory until the next snapshot moves them to the archive), and request ids to batches
-//! (a repeat of a creation returns the same batch).
+//! memory until the next snapshot moves them to the archive), and request ids and videos
+//! to batches (a repeat of a creation returns the same batch). It holds only batches not
+//! archived yet; every lookup that misses it asks the archive index, so memory does not
+//! grow with the batches ever made.
 
 pub mod actor;
 pub mod archive;
 pub mod attempt;
+pub mod index;
 pub mod pricing;
 pub mod state;
 pub mod template;
@@ -40,8 +44,8 @@ use crate::engine::batch::state::{
 use crate::engine::batch::template::{Expansion, TemplateError, TemplateLimits};
 use crate::engine::events::Record;
 use crate::engine::scheduler::Scheduler;
-use crate::engine::wallet::state::{Hold, WalletError};
-use crate::engine::{journal, Clock, Engine};
+use crate::engine::wallet::state::Hold;
+use crate::engine::{journal, Clock, Engine, EngineError};
 use crate::ids::{BatchId, KeyId, TenantId, VideoId};
 use crate::providers::Registry;
 
@@ -378,6 +382,12 @@ pub(crate) struct BatchCtx {
     pub outbox: Arc<crate::webhooks::Outbox>,
     /// Finished batches moved out of memory.
     pub archive: Arc<archive::BatchArchive>,
+    /// Where archived batches, their request ids and their videos are.
+    pub index: Arc<index::ArchiveIndex>,
+    /// Set when the index failed after the archive took records: the two disagree until
+    /// a restart brings the index up to the archive, so nothing more is archived (finished
+    /// batches stay in memory, correct but growing).
+    pub archiving_stopped: std::sync::atomic::AtomicBool,
     /// The last few large archived batches read, newest first: a client paging through a
     /// 10,000-item batch would otherwise read and decode the whole record for every page.
     /// At most `RECENT_LARGE_MAX` entries, each at most a plan's item cap.
@@ -394,39 +404,32 @@ const RECENT_LARGE_MAX: usize = 4;
 /// Archived records up to this size are read on the calling thread.
 const INLINE_READ_BYTES_MAX: u32 = 64 * 1024;
 
-/// A finished batch: in memory until a snapshot archives it, then only its place.
-pub(crate) enum Finished {
-    /// Finished since the last snapshot (or not yet archived): the final state.
-    Hot(Arc<BatchState>, Arc<Expansion>),
-    /// In the archive: the owner (every read checks it) and where the record is.
-    Cold {
-        tenant: TenantId,
-        at: archive::ArchiveRef,
-    },
-}
-
-impl Finished {
-    fn tenant(&self) -> TenantId {
-        match self {
-            Finished::Hot(s, _) => s.tenant,
-            Finished::Cold { tenant, .. } => *tenant,
-        }
-    }
+/// A finished batch not archived yet: its final state and prompts. A snapshot moves it to
+/// the archive and its index, and drops it from memory.
+pub(crate) struct Finished {
+    /// The final state.
+    pub state: Arc<BatchState>,
+    /// Its prompts (reads of items need them).
+    pub expansion: Arc<Expansion>,
 }
 
 #[derive(Default)]
 pub(crate) struct DirState {
     /// Live actors.
     pub active: HashMap<BatchId, (TenantId, Addr<BatchActor>)>,
-    /// Finished batches (in memory with their prompts, or archived).
+    /// Finished batches not archived yet.
     pub finished: HashMap<BatchId, Finished>,
-    /// Items by state over every finished batch (metrics without reading the archive).
+    /// Items by state over `finished` (metrics without reading the archive).
     pub finished_counts: Counts,
-    /// How many of `finished` are archived (`Finished::Cold`).
-    pub archived_n: u64,
-    /// Every batch by tenant, in id (= creation time) order: listing.
+    /// Archived batches and their items by state (the index's totals, moved under this
+    /// lock at the moment batches leave `finished`, so metrics never count one twice).
+    pub archived: index::Totals,
+    /// Bumped each time batches leave memory for the index: a creation that looked up its
+    /// request id in the index before taking the lock looks again if this moved.
+    pub archived_generation: u64,
+    /// Every batch not archived, by tenant, in id (= creation time) order: listing.
     pub by_tenant: BTreeSet<(TenantId, BatchId)>,
-    /// (tenant, request id) → (batch, request fingerprint).
+    /// (tenant, request id) → (batch, request fingerprint), for batches not archived.
     pub requests: HashMap<(TenantId, String), (BatchId, [u8; 32])>,
     /// (tenant, UTC day) → items created that day (daily item caps). Derived from the
     /// batches, so it is rebuilt by recovery; days before yesterday are pruned.
@@ -435,8 +438,9 @@ pub(crate) struct DirState {
     pub day_key_credits: HashMap<(KeyId, u64), u64>,
     /// The newest day counters were pruned for.
     pub pruned_day: u64,
-    /// Every stored video → (owner, batch, item): `/v1/videos/{id}`, links and embeds
-    /// resolve through it. Derived from the batches (rebuilt by recovery).
+    /// Every stored video of a batch not archived → (owner, batch, item):
+    /// `/v1/videos/{id}`, links and embeds resolve through it (then through the index).
+    /// Derived from the batches (rebuilt by recovery).
     pub videos: HashMap<VideoId, (TenantId, BatchId, u32)>,
 }
 
@@ -502,9 +506,13 @@ impl Directory {
         let mut d = self.map.write().expect("not poisoned");
         d.active.remove(&state.id);
         add_counts(&mut d.finished_counts, &state.counts);
-        let previous = d
-            .finished
-            .insert(state.id, Finished::Hot(Arc::new(state), expansion));
+        let previous = d.finished.insert(
+            state.id,
+            Finished {
+                state: Arc::new(state),
+                expansion,
+            },
+        );
         assert!(previous.is_none(), "a batch finishes once");
     }
 
@@ -555,6 +563,21 @@ impl Directory {
             );
         }
     }
+}
+
+/// An index or archive failure seen by a request: the batch cannot be read now.
+fn unavailable(e: archive::ArchiveError) -> BatchError {
+    BatchError::Unavailable(e.to_string())
+}
+
+/// Takes an archived batch's items out of the in-memory finished counts.
+fn sub_counts(c: &mut Counts, x: &Counts) {
+    c.total -= x.total;
+    c.pending -= x.pending;
+    c.running -= x.running;
+    c.succeeded -= x.succeeded;
+    c.failed -= x.failed;
+    c.canceled -= x.canceled;
 }
 
 fn add_counts(c: &mut Counts, x: &Counts) {
@@ -608,7 +631,7 @@ fn fingerprint(req: &BatchRequest, retry_of: Option<BatchId>) -> [u8; 32] {
 pub const REQUEST_ID_CHARS_MAX: usize = 255;
 
 impl Engine {
-    fn batch_ctx(&self) -> &Arc<BatchCtx> {
+    pub(crate) fn batch_ctx(&self) -> &Arc<BatchCtx> {
         self.inner.batches.get().expect("set at open")
     }
 
@@ -727,14 +750,39 @@ impl Engine {
     ) -> Result<BatchView, BatchError> {
         let wallet = self.addr(tenant).map_err(|_| BatchError::NotFound)?;
         let ctx = Arc::clone(self.batch_ctx());
+        // An archived batch of the same request id is looked up before the lock (a disk
+        // read must not hold it); the generation tells whether batches left memory for
+        // the index meanwhile, in which case the lookup is repeated under the lock.
+        let archived_request = match &spec.request_id {
+            Some(r) => {
+                let generation = ctx
+                    .dir
+                    .map
+                    .read()
+                    .expect("not poisoned")
+                    .archived_generation;
+                let found = ctx.index.request(tenant, r).map_err(unavailable)?;
+                Some((generation, found))
+            }
+            None => None,
+        };
         // Under the directory lock: find a batch of the same request id, or log and
         // register a new one (the lock makes the check and the insert one step).
         let started = {
             let mut d = ctx.dir.map.write().expect("not poisoned");
-            let existing = spec
+            let mut existing = spec
                 .request_id
                 .as_ref()
                 .and_then(|r| d.requests.get(&(tenant, r.clone())).copied());
+            if let (None, Some(r), Some((generation, found))) =
+                (existing, &spec.request_id, archived_request)
+            {
+                existing = if generation == d.archived_generation {
+                    found
+                } else {
+                    ctx.index.request(tenant, r).map_err(unavailable)?
+                };
+            }
             match existing {
                 Some((id, fp)) => Err((id, fp)),
                 None => {
@@ -828,8 +876,15 @@ impl Engine {
             };
         }
         match d.finished.get(&id) {
-            Some(f) if f.tenant() == tenant => Ok(None),
-            _ => Err(BatchError::NotFound),
+            Some(f) if f.state.tenant == tenant => Ok(None),
+            Some(_) => Err(BatchError::NotFound),
+            None => {
+                drop(d);
+                match self.batch_ctx().index.batch(id).map_err(unavailable)? {
+                    Some(i) if i.tenant == tenant => Ok(None),
+                    _ => Err(BatchError::NotFound),
+                }
+            }
         }
     }
 
@@ -842,13 +897,19 @@ impl Engine {
         id: BatchId,
     ) -> Result<(Arc<BatchState>, Option<Arc<Expansion>>, bool), BatchError> {
         let ctx = Arc::clone(self.batch_ctx());
-        let at = {
+        {
             let d = ctx.dir.map.read().expect("not poisoned");
-            match d.finished.get(&id).ok_or(BatchError::NotFound)? {
-                Finished::Hot(s, e) => return Ok((Arc::clone(s), Some(Arc::clone(e)), false)),
-                Finished::Cold { at, .. } => *at,
+            if let Some(f) = d.finished.get(&id) {
+                return Ok((Arc::clone(&f.state), Some(Arc::clone(&f.expansion)), false));
             }
-        };
+        }
+        // Not in memory: a snapshot archived it (the index commits before memory lets go).
+        let at = ctx
+            .index
+            .batch(id)
+            .map_err(unavailable)?
+            .ok_or(BatchError::NotFound)?
+            .at;
         {
             let mut recent = ctx.recent_large.lock().expect("not poisoned");
             if let Some(i) = recent.iter().position(|(s, _)| s.id == id) {
@@ -963,8 +1024,8 @@ impl Engine {
         tenant: Option<TenantId>,
         id: VideoId,
     ) -> Result<VideoInfo, BatchError> {
-        let found = self
-            .batch_ctx()
+        let ctx = self.batch_ctx();
+        let in_memory = ctx
             .dir
             .map
             .read()
@@ -972,6 +1033,10 @@ impl Engine {
             .videos
             .get(&id)
             .copied();
+        let found = match in_memory {
+            Some(f) => Some(f),
+            None => ctx.index.video(id).map_err(unavailable)?,
+        };
         let (owner, batch, item) = found
             .filter(|(owner, ..)| tenant.is_none_or(|t| t == *owner))
             .ok_or(BatchError::NotFound)?;
@@ -1018,8 +1083,11 @@ impl Engine {
         after: Option<BatchId>,
         limit: usize,
     ) -> Result<Vec<BatchView>, BatchError> {
-        let ids: Vec<BatchId> = {
-            let d = self.batch_ctx().dir.map.read().expect("not poisoned");
+        let ctx = self.batch_ctx();
+        // Memory first, then the index: a batch leaves memory only after the index has it,
+        // so it is in at least one of the two (both for a moment: kept once).
+        let mut ids: Vec<BatchId> = {
+            let d = ctx.dir.map.read().expect("not poisoned");
             let from = (
                 tenant,
                 after.map_or(BatchId(0), |a| BatchId(a.0.saturating_add(1))),
@@ -1032,6 +1100,10 @@ impl Engine {
                 .map(|(_, b)| *b)
                 .collect()
         };
+        ids.extend(ctx.index.list(tenant, after, limit).map_err(unavailable)?);
+        ids.sort_unstable();
+        ids.dedup();
+        ids.truncate(limit);
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             match self.batch(tenant, id).await {
@@ -1117,7 +1189,8 @@ impl Engine {
     pub async fn item_counts(&self) -> Result<Counts, BatchError> {
         let (mut c, addrs) = {
             let d = self.batch_ctx().dir.map.read().expect("not poisoned");
-            let c = d.finished_counts;
+            let mut c = d.finished_counts;
+            add_counts(&mut c, &d.archived.counts());
             let addrs: Vec<Addr<BatchActor>> = d.active.values().map(|(_, a)| a.clone()).collect();
             (c, addrs)
         };
@@ -1133,9 +1206,22 @@ impl Engine {
     }
 
     /// Every batch id known now (active and finished).
-    pub(crate) fn batch_ids(&self) -> Vec<BatchId> {
-        let d = self.batch_ctx().dir.map.read().expect("not poisoned");
-        d.by_tenant.iter().map(|(_, b)| *b).collect()
+    pub(crate) fn batch_ids(&self) -> Result<Vec<BatchId>, BatchError> {
+        let ctx = self.batch_ctx();
+        let mut ids: Vec<BatchId> = {
+            let d = ctx.dir.map.read().expect("not poisoned");
+            d.by_tenant.iter().map(|(_, b)| *b).collect()
+        };
+        ids.extend(
+            ctx.index
+                .all()
+                .map_err(unavailable)?
+                .into_iter()
+                .map(|(b, _)| b),
+        );
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
     }
 
     /// Waits until the batch is finished (tests, the demo, `submit --wait`).
@@ -1153,16 +1239,13 @@ impl Engine {
         let (mut out, hot) = self.capture_for_snapshot().await?;
         out.extend(hot.iter().map(|s| (**s).clone()));
         let ctx = Arc::clone(self.batch_ctx());
-        let cold: Vec<archive::ArchiveRef> = {
-            let d = ctx.dir.map.read().expect("not poisoned");
-            d.finished
-                .values()
-                .filter_map(|f| match f {
-                    Finished::Cold { at, .. } => Some(*at),
-                    Finished::Hot(..) => None,
-                })
-                .collect()
-        };
+        let cold: Vec<archive::ArchiveRef> = ctx
+            .index
+            .all()
+            .map_err(unavailable)?
+            .into_iter()
+            .map(|(_, i)| i.at)
+            .collect();
         let read = tokio::task::spawn_blocking(move || {
             cold.into_iter()
                 .map(|at| ctx.archive.read(at))
@@ -1209,10 +1292,7 @@ impl Engine {
             d.finished
                 .iter()
                 .filter(|(id, _)| !captured.contains(id))
-                .filter_map(|(_, f)| match f {
-                    Finished::Hot(s, _) => Some(Arc::clone(s)),
-                    Finished::Cold { .. } => None,
-                })
+                .map(|(_, f)| Arc::clone(&f.state))
                 .collect()
         };
         out.sort_by_key(|b| b.id);
@@ -1227,7 +1307,7 @@ impl Engine {
         &self,
         mut hot: Vec<Arc<BatchState>>,
     ) -> Result<usize, BatchError> {
-        if hot.is_empty() {
+        if hot.is_empty() || self.batch_ctx().archiving_stopped.load(Ordering::Relaxed) {
             return Ok(0);
         }
         let acked = self.inner.wal.acked_lsn();
@@ -1244,42 +1324,81 @@ impl Engine {
         }
         hot.sort_by_key(|s| s.id);
         let ctx = Arc::clone(self.batch_ctx());
-        let (hot, refs) = tokio::task::spawn_blocking(move || {
+        // Archive (synced, length recorded), then index (committed): only then can memory
+        // let go, so every lookup finds the batch in one place or the other.
+        let (hot, totals) = tokio::task::spawn_blocking(move || {
             let states: Vec<&BatchState> = hot.iter().map(|s| &**s).collect();
-            let refs = ctx.archive.append_durable(&states);
-            (hot, refs)
+            let totals = ctx.archive.append_durable(&states).and_then(|refs| {
+                let records: Vec<(archive::ArchiveRef, &BatchState)> =
+                    refs.into_iter().zip(states.iter().copied()).collect();
+                ctx.index
+                    .add(&records, ctx.archive.bytes())
+                    .inspect_err(|e| {
+                        ctx.archiving_stopped.store(true, Ordering::Relaxed);
+                        tracing::error!(
+                            error = %e,
+                            "archive index failed after the archive synced: archiving stops \
+                             until a restart re-indexes the archive"
+                        );
+                    })
+            });
+            (hot, totals)
         })
         .await
         .map_err(|e| BatchError::Unavailable(e.to_string()))?;
-        let refs = refs.map_err(|e| BatchError::Unavailable(e.to_string()))?;
+        let totals = totals.map_err(unavailable)?;
         let mut d = self.batch_ctx().dir.map.write().expect("not poisoned");
-        for (s, at) in hot.iter().zip(refs) {
-            let slot = d.finished.get_mut(&s.id).expect("finished batches stay");
-            assert!(matches!(slot, Finished::Hot(..)), "archived once");
-            *slot = Finished::Cold {
-                tenant: s.tenant,
-                at,
-            };
-            d.archived_n += 1;
+        for s in &hot {
+            let gone = d
+                .finished
+                .remove(&s.id)
+                .expect("finished batches stay until archived");
+            assert!(Arc::ptr_eq(&gone.state, s), "archived once");
+            sub_counts(&mut d.finished_counts, &s.counts);
+            d.by_tenant.remove(&(s.tenant, s.id));
+            if let Some(r) = &s.spec.request_id {
+                d.requests.remove(&(s.tenant, r.clone()));
+            }
+            for item in &s.items {
+                if let Some(o) = &item.output {
+                    d.videos.remove(&o.video);
+                }
+            }
         }
+        d.archived = totals;
+        d.archived_generation += 1;
         Ok(hot.len())
     }
 
     /// Which of `batches` are in the archive (final, acknowledged, never changing again).
-    pub(crate) fn archived_among(&self, batches: &[BatchId]) -> HashSet<BatchId> {
-        let d = self.batch_ctx().dir.map.read().expect("not poisoned");
-        batches
-            .iter()
-            .filter(|b| matches!(d.finished.get(b), Some(Finished::Cold { .. })))
-            .copied()
-            .collect()
+    pub(crate) fn archived_among(
+        &self,
+        batches: &[BatchId],
+    ) -> Result<HashSet<BatchId>, BatchError> {
+        self.batch_ctx()
+            .index
+            .archived_among(batches)
+            .map_err(unavailable)
     }
 
     /// Finished batches in the archive, and the archive's bytes (metrics).
     pub fn batch_archive_stats(&self) -> (u64, u64) {
         let ctx = self.batch_ctx();
-        let archived = ctx.dir.map.read().expect("not poisoned").archived_n;
+        let archived = ctx.dir.map.read().expect("not poisoned").archived.archived;
         (archived, ctx.archive.bytes())
+    }
+
+    /// Entries the batch directory holds in memory: (batches not archived, request ids,
+    /// videos). None of them counts archived batches, so at a steady load they stay level
+    /// (metrics, tests).
+    pub fn batch_directory_entries(&self) -> (usize, usize, usize) {
+        let d = self.batch_ctx().dir.map.read().expect("not poisoned");
+        assert_eq!(
+            d.by_tenant.len(),
+            d.active.len() + d.finished.len(),
+            "every batch in memory is listed once"
+        );
+        (d.by_tenant.len(), d.requests.len(), d.videos.len())
     }
 
     /// Refusals by wallets that should be impossible (0 in a healthy engine).
@@ -1298,33 +1417,35 @@ impl Engine {
     }
 }
 
-/// Recovery helper: puts recovered batches into the directory and starts the active ones.
-/// A finished batch read from the archive (`archived`: where, and the `last_lsn` read
-/// there) that replay did not touch stays there; only its place is kept.
+/// Recovery helper: puts recovered batches (none of them archived: the index has those)
+/// into the directory and starts the active ones. The daily caps' counters get the
+/// archived batches' share from the index.
 pub(crate) fn restore(
     engine: &Engine,
     batches: HashMap<BatchId, BatchState>,
     holds: &HashMap<BatchId, Hold>,
-    archived: &HashMap<BatchId, (archive::ArchiveRef, u64)>,
-) -> Result<(), WalletError> {
+) -> Result<(), EngineError> {
     let ctx = Arc::clone(engine.batch_ctx());
+    let today = ctx.clock.now_ms() / DAY_MS;
+    let (day_items, day_credits) = ctx.index.days_from(today.saturating_sub(1))?;
     let mut d = ctx.dir.map.write().expect("not poisoned");
+    d.archived = ctx.index.totals();
+    for (k, n) in day_items {
+        let c = d.day_items.entry(k).or_insert(0);
+        *c = c.saturating_add(n);
+    }
+    for (k, n) in day_credits {
+        let c = d.day_key_credits.entry(k).or_insert(0);
+        *c = c.saturating_add(n);
+    }
     for (id, state) in batches {
         ctx.dir.insert(&mut d, &state);
         if matches!(state.phase, Phase::Finished { .. }) {
             add_counts(&mut d.finished_counts, &state.counts);
-            let entry = match archived.get(&id) {
-                Some(&(at, lsn)) if lsn == state.last_lsn => {
-                    d.archived_n += 1;
-                    Finished::Cold {
-                        tenant: state.tenant,
-                        at,
-                    }
-                }
-                _ => {
-                    let expansion = Arc::new(expansion_of(&state.spec));
-                    Finished::Hot(Arc::new(state), expansion)
-                }
+            let expansion = Arc::new(expansion_of(&state.spec));
+            let entry = Finished {
+                state: Arc::new(state),
+                expansion,
             };
             d.finished.insert(id, entry);
             continue;

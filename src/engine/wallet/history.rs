@@ -137,7 +137,13 @@ pub(crate) struct WalletHistory(RecordFile);
 impl WalletHistory {
     /// Opens (or creates) the file, cutting a torn tail. Fails on damage in the middle.
     pub(crate) fn open(data_dir: &Path) -> Result<WalletHistory, ArchiveError> {
-        let (file, _) = RecordFile::open(data_dir, history_path(data_dir), check_only)?;
+        let file = RecordFile::open(
+            data_dir,
+            history_path(data_dir),
+            0,
+            check_only,
+            &mut |_, _| Ok(()),
+        )?;
         Ok(WalletHistory(file))
     }
 
