@@ -940,6 +940,94 @@ fn ledger_history_is_filed_at_snapshots_and_read_back() {
     verify_chain(t, &w.ledger).unwrap();
 }
 
+/// A tenant that tops up often keeps in memory only its recent top-ups' keys and the grants
+/// that can still change: at a snapshot the filed top-ups' keys go to the operation index
+/// (`ops.redb`) and spent grants retire. Balances, invariants and reconciliation do not
+/// move; repeats of old top-ups still return their entry, and a changed repeat is still
+/// refused, after restarts and after the index is deleted (rebuilt from the history file,
+/// which knows amounts but not grant kinds: the amount still decides).
+#[test]
+fn old_top_ups_and_spent_grants_leave_memory_and_repeats_still_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let clock = manual_clock(T);
+    let t = TenantId(11);
+    let (engine, _) = open(dir.path(), Some(&clock));
+    let first = rt.block_on(async {
+        engine.open_wallet(t).await.unwrap();
+        let first = run(&engine, t, grant("top-0", GrantKind::Paid, 1, None)).await;
+        for i in 1..120 {
+            clock.0.fetch_add(1, Ordering::SeqCst);
+            run(
+                &engine,
+                t,
+                grant(&format!("top-{i}"), GrantKind::Paid, 1, None),
+            )
+            .await;
+        }
+        // Spend 100 of the 120 one-credit grants (the oldest first).
+        run(&engine, t, hold(1, 100)).await;
+        run(&engine, t, settle(1, 0, 100)).await;
+        engine.snapshot_now().await.unwrap();
+        first
+    });
+    let balances = rt.block_on(engine.balances(t)).unwrap();
+    let check = |engine: &Engine, label: &str| {
+        rt.block_on(async {
+            let w = engine.wallet_state(t).await.unwrap();
+            assert!(w.ops.len() <= 16, "{label}: {} keys in memory", w.ops.len());
+            let retired = w.retired.as_ref().map_or(0, |r| r.count);
+            assert!(retired >= 90, "{label}: {retired} grants retired");
+            assert_eq!(w.grants.len() as u32 + retired, 120, "{label}");
+            assert_eq!(engine.balances(t).await.unwrap(), balances, "{label}");
+            let again = run(engine, t, grant("top-0", GrantKind::Paid, 1, None)).await;
+            assert_eq!(again.entries, first.entries, "{label}: the original entry");
+            let changed = engine
+                .execute(t, grant("top-0", GrantKind::Paid, 2, None))
+                .await;
+            assert!(
+                matches!(changed, Err(WalletError::KeyReused { .. })),
+                "{label}: {changed:?}"
+            );
+            assert_eq!(engine.balances(t).await.unwrap(), balances, "{label}");
+            engine.check_invariants().await.unwrap();
+            let report = engine.reconcile().await.unwrap();
+            // The hold has no batch: reconciliation names it, and nothing else.
+            assert!(report.discrepancies.len() <= 1, "{label}: {report:?}");
+        })
+    };
+    check(&engine, "live");
+    rt.block_on(async {
+        // A changed kind under an old key: the index kept the grant's kind.
+        let changed = engine
+            .execute(t, grant("top-1", GrantKind::Promotional, 1, None))
+            .await;
+        assert!(
+            matches!(changed, Err(WalletError::KeyReused { .. })),
+            "{changed:?}"
+        );
+        engine.shutdown(false).await.unwrap();
+    });
+    drop(engine);
+    let (engine, _) = open(dir.path(), Some(&clock));
+    check(&engine, "restart");
+    rt.block_on(engine.shutdown(false)).unwrap();
+    drop(engine);
+    std::fs::remove_file(reelbatch::engine::wallet::op_index::op_index_path(
+        dir.path(),
+    ))
+    .unwrap();
+    let (engine, _) = open(dir.path(), Some(&clock));
+    check(&engine, "index rebuilt");
+    rt.block_on(engine.shutdown(false)).unwrap();
+    // The offline loader still balances every wallet.
+    let offline =
+        reelbatch::engine::rebuild::load_offline(&config(dir.path(), None), dir.path()).unwrap();
+    let w = offline.wallets.iter().find(|w| w.tenant == t).unwrap();
+    w.check_invariants().unwrap();
+    verify_chain(t, &w.ledger).unwrap();
+}
+
 // ---------------------------------------------------------------------------------------
 // Bugs found (ignored until fixed)
 // ---------------------------------------------------------------------------------------

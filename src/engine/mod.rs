@@ -412,6 +412,8 @@ impl Engine {
             clock: Arc::clone(&cfg.clock),
             outbox: Arc::clone(&outbox),
             history: Arc::new(wallet::history::WalletHistory::open(&cfg.data_dir)?),
+            // After the history file (its open cuts a torn tail): a rebuild reads it.
+            ops: Arc::new(wallet::op_index::OpIndex::open(&cfg.data_dir)?),
         });
         let inner = Arc::new(Inner {
             wallet_shared,
@@ -1130,20 +1132,27 @@ impl Engine {
             .collect();
         let archived = self.archived_among(&finished)?;
         let mut pages = Vec::new();
+        let mut ops = Vec::new();
         let mut plans = Vec::new();
         for (i, w) in wallets.iter().enumerate() {
             let due = w.due_for_filing();
             let retire = w.retirable_holds(|b| archived.contains(&b));
-            if due.is_empty() && retire.is_empty() {
+            if due.is_empty() && retire.is_empty() && w.retirable_grants() == 0 {
                 continue;
             }
             let page = if due.is_empty() {
                 None
             } else {
-                pages.push(wallet::history::HistoryPage {
+                let page = wallet::history::HistoryPage {
                     tenant: w.tenant,
                     entries: due.to_vec(),
-                });
+                };
+                // Every grant a page's top-up created is still in memory: grants retire
+                // only after their entry is filed.
+                ops.extend(wallet::op_index::ops_of(&page, |g| {
+                    w.grant(g).map(|g| (g.kind, g.expires_at_ms))
+                }));
+                pages.push(page);
                 Some(pages.len() - 1)
             };
             plans.push((i, page, retire));
@@ -1151,13 +1160,19 @@ impl Engine {
         if plans.is_empty() {
             return Ok((0, 0));
         }
+        // The pages are synced, then their operations' keys committed to the index, before
+        // any wallet lets go of them.
         let filed = if pages.is_empty() {
             Vec::new()
         } else {
-            let history = Arc::clone(&self.inner.wallet_shared.history);
-            tokio::task::spawn_blocking(move || history.append(&pages))
-                .await
-                .map_err(|e| EngineError::System(e.to_string()))??
+            let shared = Arc::clone(&self.inner.wallet_shared);
+            tokio::task::spawn_blocking(move || {
+                let filed = shared.history.append(&pages)?;
+                shared.ops.add(&ops)?;
+                Ok::<_, crate::engine::batch::archive::ArchiveError>(filed)
+            })
+            .await
+            .map_err(|e| EngineError::System(e.to_string()))??
         };
         let mut retired = 0;
         let mut messages = Vec::with_capacity(plans.len());
@@ -1168,7 +1183,16 @@ impl Engine {
             }
             wallets[i].retire_holds(&retire);
             retired += retire.len();
-            messages.push((wallets[i].tenant, wallet::actor::Compact { page, retire }));
+            let retire_grants = wallets[i].retirable_grants();
+            wallets[i].retire_grants(retire_grants);
+            messages.push((
+                wallets[i].tenant,
+                wallet::actor::Compact {
+                    page,
+                    retire,
+                    retire_grants,
+                },
+            ));
         }
         let live: Vec<(Addr<WalletActor>, wallet::actor::Compact)> = {
             let dir = self.inner.wallets.read().expect("not poisoned");
@@ -1241,6 +1265,7 @@ impl Inner {
         if let Some((_, index)) = self.responses.lock().ok().and_then(|r| r.files()) {
             index.close();
         }
+        self.wallet_shared.ops.close();
     }
 }
 

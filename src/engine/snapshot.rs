@@ -19,9 +19,10 @@ use crate::webhooks::state::OutboxImage;
 /// batch archive (images shared the log records' version until then); 4: stored
 /// responses listed by where they are filed, their bodies in the response segments; 5:
 /// wallets carry where their filed ledger pages are (`WalletState::filed`); 6: no stored
-/// responses (the response index on disk has the filed ones, the log the others). An
+/// responses (the response index on disk has the filed ones, the log the others); 7:
+/// wallets carry their retired grants' sums (`WalletState::retired`, `grants_filed`). An
 /// image of another version is refused: startup fails with the version named.
-pub const IMAGE_VERSION: u8 = 6;
+pub const IMAGE_VERSION: u8 = 7;
 
 /// The engine's state at a point in the log.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]

@@ -220,18 +220,29 @@ impl RecordFile {
         path: PathBuf,
         decode: Decode<T>,
     ) -> Result<Vec<(ArchiveRef, T)>, ArchiveError> {
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => return Err(ArchiveError::Io { path, source }),
-        };
-        let durable = read_durable(&path)?;
         let mut out = Vec::new();
-        scan(&file, &path, durable, 0, decode, &mut |r, t| {
+        Self::visit_read_only(path, decode, &mut |r, t| {
             out.push((r, t));
             Ok(())
         })?;
         Ok(out)
+    }
+
+    /// Hands every valid record of the file to `visit`, in order, without changing the
+    /// file or keeping any record. A missing file has no records.
+    pub(crate) fn visit_read_only<T>(
+        path: PathBuf,
+        decode: Decode<T>,
+        visit: &mut dyn FnMut(ArchiveRef, T) -> Result<(), ArchiveError>,
+    ) -> Result<(), ArchiveError> {
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(ArchiveError::Io { path, source }),
+        };
+        let durable = read_durable(&path)?;
+        scan(&file, &path, durable, 0, decode, visit)?;
+        Ok(())
     }
 
     /// Appends the payloads (one record each) and syncs. Returns where each one went, in

@@ -67,6 +67,8 @@ pub(crate) struct WalletShared {
     pub(crate) outbox: Arc<crate::webhooks::Outbox>,
     /// Filed ledger pages (a repeat of an old operation reads its entry back).
     pub(crate) history: Arc<WalletHistory>,
+    /// Filed operations' keys (a repeat of an old operation finds its entry).
+    pub(crate) ops: Arc<crate::engine::wallet::op_index::OpIndex>,
 }
 
 impl Actor for WalletActor {
@@ -193,10 +195,7 @@ impl WalletActor {
         for ev in self.state.expiry_events(now_ms) {
             last = Some(self.record(ev, None)?);
         }
-        let wait = match self
-            .state
-            .decide(&cmd, now_ms, &|seq| self.original_entry(seq))?
-        {
+        let wait = match self.state.decide(&cmd, now_ms, self)? {
             Decision::Repeat(seq) => {
                 let original = match seq {
                     None => None,
@@ -230,6 +229,22 @@ impl WalletActor {
     }
 }
 
+impl crate::engine::wallet::state::Recall for WalletActor {
+    fn entry(&self, seq: u64) -> Result<LedgerEntry, WalletError> {
+        self.original_entry(seq)
+    }
+
+    fn op(
+        &self,
+        request_id: &str,
+    ) -> Result<Option<crate::engine::wallet::op_index::OpRow>, WalletError> {
+        self.shared
+            .ops
+            .get(self.state.tenant, request_id)
+            .map_err(|e| WalletError::Unavailable(e.to_string()))
+    }
+}
+
 impl WalletActor {
     /// Entry `seq`, from memory or (an old operation's repeat: rare) read back from its
     /// filed page, in place: a positional read of one page.
@@ -258,6 +273,8 @@ impl WalletActor {
 pub(crate) struct Compact {
     pub(crate) page: Option<FiledPage>,
     pub(crate) retire: Vec<crate::ids::BatchId>,
+    /// Leading grants to retire (`WalletState::retire_grants`).
+    pub(crate) retire_grants: u32,
 }
 
 impl Message for Compact {
@@ -272,6 +289,7 @@ impl Handler<Compact> for WalletActor {
             self.state.filed_ledger(page);
         }
         self.state.retire_holds(&msg.retire);
+        self.state.retire_grants(msg.retire_grants);
     }
 }
 

@@ -191,6 +191,16 @@ impl WalletHistory {
     }
 }
 
+/// Hands every page of the history file to `visit`, oldest first, keeping none (the
+/// operation index's rebuild). Pages no image references (a crash between a page's sync
+/// and the image) are visited too: they hold entries the log replays the same way.
+pub(crate) fn visit_pages(
+    data_dir: &Path,
+    visit: &mut dyn FnMut(HistoryPage) -> Result<(), ArchiveError>,
+) -> Result<(), ArchiveError> {
+    RecordFile::visit_read_only(history_path(data_dir), decode_page, &mut |_, p| visit(p))
+}
+
 /// Every page of a stopped server's history file, by offset (offline tools).
 pub(crate) fn read_all(data_dir: &Path) -> Result<HashMap<u64, HistoryPage>, ArchiveError> {
     Ok(RecordFile::read_only(history_path(data_dir), decode_page)?

@@ -88,7 +88,42 @@ pub struct Draw {
     pub released: u64,
 }
 
+/// Sums over the grants retired from memory (`WalletState::retire_grants`). Each had
+/// nothing available and nothing held, and either expired or never expires: no event can
+/// name it again.
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub struct RetiredGrants {
+    /// How many (they are grants 1..=count).
+    pub count: u32,
+    /// Sum of their amounts.
+    pub amount: u64,
+    /// Sum of their amounts, adjustment grants left out (`granted`).
+    pub granted: u64,
+    /// Sums of their parts.
+    pub spent: u64,
+    pub expired: u64,
+    pub debited: u64,
+}
+
+/// What `decide` may need beyond memory: the filed history of this wallet.
+pub trait Recall {
+    /// Ledger entry `seq` (in memory or filed).
+    fn entry(&self, seq: u64) -> Result<LedgerEntry, WalletError>;
+    /// A request-keyed operation whose entry is filed (not in `ops` any more).
+    fn op(
+        &self,
+        request_id: &str,
+    ) -> Result<Option<crate::engine::wallet::op_index::OpRow>, WalletError>;
+}
+
 impl Grant {
+    /// Retired from memory: nothing available, nothing held, and no expiry still to come.
+    fn is_final(&self) -> bool {
+        self.available == 0 && self.held == 0 && (self.is_expired || self.expires_at_ms.is_none())
+    }
+
     /// Nothing can be drawn from it ever again: it expired (credits released back to it
     /// expire at once), or nothing is available and nothing is held (only a release, of
     /// credits held from this grant, ever adds to `available`).
@@ -310,13 +345,23 @@ pub struct WalletState {
     pub expired: u64,
     /// `wallet.low_balance` threshold.
     pub low_balance_threshold: Option<u64>,
-    /// Grants, `grants[id - 1]`.
+    /// Grants still in memory, `grants[id - 1 - retired count]`: every grant but the
+    /// retired ones (`retired`).
     pub grants: Vec<Grant>,
+    /// The leading grants that left memory because nothing can ever change them again
+    /// (`retire_grants`): how many, and their sums (conservation checks use them). `None`
+    /// until the first retirement, so a quiet wallet carries one pointer.
+    pub retired: Option<Box<RetiredGrants>>,
+    /// The highest grant id whose creating entry is filed: a grant retires only after its
+    /// top-up's key went to the operation index with the grant's kind and expiry, so a
+    /// repeat of an old top-up is still checked in full.
+    pub grants_filed: u32,
     /// Holds by batch. A finished hold stays (repeats of its items are recognised) until
     /// its batch is archived: then nothing can send it a command any more and the snapshot
     /// retires it (`retire_holds`); its entries stay in the ledger.
     pub holds: HashMap<BatchId, Hold>,
-    /// Request-keyed operations (top-ups, adjustments) → their ledger entry.
+    /// Request-keyed operations (top-ups, adjustments) → their ledger entry, for entries
+    /// in memory; filed ones are in the operation index (`wallet::op_index`).
     pub ops: HashMap<String, u64>,
     /// The ledger's entries after the filed ones: `ledger[seq - 1 - filed entries]`.
     pub ledger: Vec<LedgerEntry>,
@@ -357,6 +402,8 @@ impl WalletState {
             expired: 0,
             low_balance_threshold: None,
             grants: Vec::new(),
+            retired: None,
+            grants_filed: 0,
             holds: HashMap::new(),
             ops: HashMap::new(),
             ledger: Vec::new(),
@@ -380,10 +427,11 @@ impl WalletState {
 
     /// Rebuilds the fields derived from `grants` (not archived in snapshots).
     pub fn restore_derived(&mut self) {
+        let retired = self.retired.as_ref().map_or(0, |r| r.amount);
         self.created = self
             .grants
             .iter()
-            .fold(0u64, |acc, g| money::add(acc, g.amount));
+            .fold(retired, |acc, g| money::add(acc, g.amount));
         self.next_expiry_ms = self.earliest_expiry();
         self.dead_grants = 0;
         self.advance_dead_grants();
@@ -526,7 +574,16 @@ impl WalletState {
         });
         filed.pages.push(page);
         filed.last_hash = last_hash;
-        self.ledger.drain(..k);
+        let last_seq = page.last_seq();
+        for e in self.ledger.drain(..k) {
+            if matches!(e.kind, EntryKind::TopUp | EntryKind::Adjust) {
+                if let Some(g) = e.grant {
+                    self.grants_filed = self.grants_filed.max(g);
+                }
+            }
+        }
+        // Their keys are in the operation index now (the snapshot added them first).
+        self.ops.retain(|_, seq| *seq > last_seq);
         // The tail's capacity grew with the entries just moved: give it back.
         self.ledger.shrink_to_fit();
     }
@@ -577,6 +634,21 @@ impl WalletState {
         out
     }
 
+    /// The operation `request_id` made, from memory or (filed) from `recall`.
+    fn known_op(
+        &self,
+        request_id: &str,
+        recall: &dyn Recall,
+    ) -> Result<Option<crate::engine::wallet::op_index::OpRow>, WalletError> {
+        match self.ops.get(request_id) {
+            Some(&seq) => Ok(Some(crate::engine::wallet::op_index::OpRow {
+                seq,
+                grant: None,
+            })),
+            None => recall.op(request_id),
+        }
+    }
+
     /// Events that expire every grant whose expiry is at or before `now_ms`.
     pub fn expiry_events(&self, now_ms: u64) -> Vec<WalletEvent> {
         if now_ms < self.next_expiry_ms {
@@ -602,7 +674,7 @@ impl WalletState {
         &self,
         cmd: &WalletCommand,
         now_ms: u64,
-        recall: &dyn Fn(u64) -> Result<LedgerEntry, WalletError>,
+        recall: &dyn Recall,
     ) -> Result<Decision, WalletError> {
         match cmd {
             WalletCommand::Grant {
@@ -611,16 +683,22 @@ impl WalletState {
                 amount,
                 expires_at_ms,
             } => {
-                if let Some(&seq) = self.ops.get(request_id) {
-                    let e = recall(seq)?;
+                if let Some(op) = self.known_op(request_id, recall)? {
+                    let e = recall.entry(op.seq)?;
+                    // The grant itself while it is in memory, else what the operation
+                    // index kept of it (nothing, for rows rebuilt from the history file:
+                    // then the amount decides).
+                    let same_grant = |g: u32| match self.grant(g) {
+                        Some(g) => g.kind == *kind && g.expires_at_ms == *expires_at_ms,
+                        None => op
+                            .grant
+                            .is_none_or(|(k, x)| k == *kind && x == *expires_at_ms),
+                    };
                     let same = e.kind == EntryKind::TopUp
                         && e.amount == *amount
-                        && e.grant.is_some_and(|g| {
-                            let g = &self.grants[g as usize - 1];
-                            g.kind == *kind && g.expires_at_ms == *expires_at_ms
-                        });
+                        && e.grant.is_some_and(same_grant);
                     return if same {
-                        Ok(Decision::Repeat(Some(seq)))
+                        Ok(Decision::Repeat(Some(op.seq)))
                     } else {
                         Err(WalletError::KeyReused {
                             key: request_id.clone(),
@@ -636,8 +714,7 @@ impl WalletState {
                     });
                 }
                 self.check_creation(*amount)?;
-                let grant =
-                    u32::try_from(self.grants.len() + 1).map_err(|_| WalletError::OutOfRange)?;
+                let grant = self.next_grant_id()?;
                 Ok(Decision::Record(vec![WalletEvent::Granted {
                     request_id: request_id.clone(),
                     grant,
@@ -756,14 +833,14 @@ impl WalletState {
                 delta,
                 reason,
             } => {
-                if let Some(&seq) = self.ops.get(request_id) {
-                    let e = recall(seq)?;
+                if let Some(op) = self.known_op(request_id, recall)? {
+                    let e = recall.entry(op.seq)?;
                     let same = e.kind == EntryKind::Adjust
                         && e.negative == (*delta < 0)
                         && e.amount == delta.unsigned_abs()
                         && e.reason.as_deref() == Some(reason.as_str());
                     return if same {
-                        Ok(Decision::Repeat(Some(seq)))
+                        Ok(Decision::Repeat(Some(op.seq)))
                     } else {
                         Err(WalletError::KeyReused {
                             key: request_id.clone(),
@@ -779,9 +856,7 @@ impl WalletState {
                     self.adjusted
                         .checked_add(*delta)
                         .ok_or(WalletError::OutOfRange)?;
-                    let id = u32::try_from(self.grants.len() + 1)
-                        .map_err(|_| WalletError::OutOfRange)?;
-                    (Some(id), Vec::new())
+                    (Some(self.next_grant_id()?), Vec::new())
                 } else {
                     if self.available < magnitude {
                         return Err(WalletError::InsufficientCredits {
@@ -857,8 +932,75 @@ impl WalletState {
         seq
     }
 
+    /// Grants retired from memory (the first `retired_count` ids).
+    fn retired_count(&self) -> u32 {
+        self.retired.as_ref().map_or(0, |r| r.count)
+    }
+
+    /// The id the next grant gets.
+    fn next_grant_id(&self) -> Result<u32, WalletError> {
+        u32::try_from(self.retired_count() as usize + self.grants.len() + 1)
+            .map_err(|_| WalletError::OutOfRange)
+    }
+
+    /// Grant `id`, unless it was retired.
+    pub fn grant(&self, id: u32) -> Option<&Grant> {
+        let i = id.checked_sub(self.retired_count() + 1)?;
+        self.grants.get(i as usize)
+    }
+
     fn grant_mut(&mut self, id: u32) -> &mut Grant {
-        &mut self.grants[id as usize - 1]
+        let gone = self.retired_count();
+        assert!(id > gone, "grant {id} is retired: no event can name it");
+        &mut self.grants[(id - gone) as usize - 1]
+    }
+
+    /// How many leading grants may retire now: final ones (`Grant::is_final`) whose
+    /// creating entry is filed (`grants_filed`).
+    pub fn retirable_grants(&self) -> u32 {
+        let n = self
+            .grants
+            .iter()
+            .take_while(|g| g.id <= self.grants_filed && g.is_final())
+            .count();
+        u32::try_from(n).expect("grant ids fit u32")
+    }
+
+    /// Retires the first `n` grants in memory (see `retirable_grants`): their sums move to
+    /// `retired`, balances and the ledger do not change. Applied alike to the snapshot's
+    /// copy and to the live wallet (the `Compact` message).
+    pub fn retire_grants(&mut self, n: u32) {
+        if n == 0 {
+            return;
+        }
+        let n = n as usize;
+        assert!(n <= self.grants.len(), "retires grants it has");
+        let r = self
+            .retired
+            .get_or_insert_with(|| Box::new(RetiredGrants::default()));
+        for g in self.grants.drain(..n) {
+            assert!(g.is_final(), "only final grants retire (grant {})", g.id);
+            assert!(
+                g.id <= self.grants_filed,
+                "grant {} retires after its entry is filed",
+                g.id
+            );
+            assert_eq!(g.id, r.count + 1, "grants retire in id order");
+            r.count += 1;
+            r.amount = money::add(r.amount, g.amount);
+            if g.kind != GrantKind::Adjustment {
+                r.granted = money::add(r.granted, g.amount);
+            }
+            r.spent = money::add(r.spent, g.spent);
+            r.expired = money::add(r.expired, g.expired);
+            r.debited = money::add(r.debited, g.debited);
+        }
+        // Final grants are dead, and dead ones lead: the count stays relative to memory.
+        self.dead_grants = self
+            .dead_grants
+            .checked_sub(n as u32)
+            .expect("retired grants were counted dead");
+        self.grants.shrink_to_fit();
     }
 
     /// Applies a recorded event. The one place wallet state changes, live and in replay.
@@ -875,11 +1017,7 @@ impl WalletState {
                 expires_at_ms,
                 at_ms,
             } => {
-                assert_eq!(
-                    *grant as usize,
-                    self.grants.len() + 1,
-                    "grant ids are dense"
-                );
+                assert_eq!(Ok(*grant), self.next_grant_id(), "grant ids are dense");
                 self.grants.push(Grant {
                     id: *grant,
                     kind: *kind,
@@ -1031,7 +1169,7 @@ impl WalletState {
                 let magnitude = delta.unsigned_abs();
                 if *delta > 0 {
                     let id = grant.expect("upward adjustment creates a grant");
-                    assert_eq!(id as usize, self.grants.len() + 1, "grant ids are dense");
+                    assert_eq!(Ok(id), self.next_grant_id(), "grant ids are dense");
                     push_small_first(
                         &mut self.grants,
                         Grant {
@@ -1191,11 +1329,13 @@ impl WalletState {
     /// Cost is linear in the wallet's size: for tests and reconciliation, not the hot path.
     pub fn check_invariants(&self) -> Result<(), String> {
         let err = |m: String| Err(format!("{}: {m}", self.tenant));
+        let retired = self.retired.as_deref().cloned().unwrap_or_default();
         let created = self
             .grants
             .iter()
             .map(|g| u128::from(g.amount))
-            .sum::<u128>();
+            .sum::<u128>()
+            + u128::from(retired.amount);
         if u128::from(self.created) != created {
             return err(format!(
                 "created {} != sum of grants {created}",
@@ -1222,8 +1362,26 @@ impl WalletState {
         if lhs != rhs {
             return err(format!("conservation: {lhs} != {rhs}"));
         }
-        let (mut avail, mut held, mut spent, mut expired) = (0u128, 0u128, 0u128, 0u128);
-        let mut granted = 0u128;
+        let (mut avail, mut held) = (0u128, 0u128);
+        let mut spent = u128::from(retired.spent);
+        let mut expired = u128::from(retired.expired);
+        let mut granted = u128::from(retired.granted);
+        if retired.count > 0 && retired.amount != retired.spent + retired.expired + retired.debited
+        {
+            return err("retired grants: parts != amount".into());
+        }
+        if self
+            .grants
+            .first()
+            .is_some_and(|g| g.id != retired.count + 1)
+        {
+            return err("grants in memory do not follow the retired ones".into());
+        }
+        if let Some((k, seq)) = self.ops.iter().find(|(_, s)| **s <= self.filed_entries()) {
+            return err(format!(
+                "operation {k} names filed entry {seq} but is still in memory"
+            ));
+        }
         for g in &self.grants {
             let sum = g.available as u128
                 + g.held as u128
@@ -1305,8 +1463,12 @@ impl WalletState {
             ));
         }
         for (g, h) in &draw_held {
-            if self.grants[*g as usize - 1].held as u128 != *h {
-                return err(format!("grant {g}: held disagrees with the holds"));
+            match self.grant(*g) {
+                Some(grant) if grant.held as u128 == *h => {}
+                Some(_) => return err(format!("grant {g}: held disagrees with the holds")),
+                // A finished hold may still name a retired grant, with nothing left in it.
+                None if *h == 0 => {}
+                None => return err(format!("a hold still holds {h} of retired grant {g}")),
             }
         }
         if let Some(last) = self.ledger.last() {
@@ -1433,13 +1595,28 @@ pub struct Statement {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::wallet::op_index::OpRow;
+
+    /// The history a test wallet recalls: entries in memory, filed operations from a map
+    /// (standing in for the operation index).
+    struct Mem<'a>(&'a WalletState, HashMap<String, OpRow>);
+
+    impl Recall for Mem<'_> {
+        fn entry(&self, seq: u64) -> Result<LedgerEntry, WalletError> {
+            self.0
+                .entry(seq)
+                .cloned()
+                .ok_or(WalletError::Unavailable(format!("entry {seq} is filed")))
+        }
+        fn op(&self, request_id: &str) -> Result<Option<OpRow>, WalletError> {
+            Ok(self.1.get(request_id).copied())
+        }
+    }
 
     /// Runs `cmd` through decide and apply, as the actor does (LSNs from `lsn`).
     fn run(w: &mut WalletState, cmd: WalletCommand, lsn: &mut u64) {
         let Decision::Record(events) = w
-            .decide(&cmd, 1_000, &|s| {
-                Ok(w.entry(s).cloned().expect("in memory"))
-            })
+            .decide(&cmd, 1_000, &Mem(w, HashMap::new()))
             .expect("accepted")
         else {
             panic!("not a repeat")
@@ -1506,6 +1683,129 @@ mod tests {
         };
         run(&mut w, grant, &mut lsn);
         (w, lsn)
+    }
+
+    /// Spent grants leave memory once their top-ups are filed; nothing else changes, new
+    /// grants continue the ids, and a repeat of an old top-up is still checked through the
+    /// operation index's row (kind and expiry), or on its amount when the row has neither.
+    #[test]
+    fn final_grants_retire_after_their_top_ups_are_filed() {
+        let mut w = WalletState::new(TenantId(1));
+        let mut lsn = 0;
+        for i in 0..3 {
+            let grant = WalletCommand::Grant {
+                request_id: format!("t{i}"),
+                kind: GrantKind::Paid,
+                amount: 10,
+                expires_at_ms: None,
+            };
+            run(&mut w, grant, &mut lsn);
+        }
+        let batch = BatchId(9);
+        run(&mut w, WalletCommand::Hold { batch, amount: 25 }, &mut lsn);
+        assert_eq!(w.retirable_grants(), 0, "grants 1 and 2 are held");
+        for (item, amount) in [(0, 20), (1, 5)] {
+            let settle = WalletCommand::Settle {
+                batch,
+                item,
+                amount,
+            };
+            run(&mut w, settle, &mut lsn);
+        }
+        assert_eq!(
+            w.retirable_grants(),
+            0,
+            "spent, but their top-ups are not filed"
+        );
+        // File the first two entries (the top-ups of grants 1 and 2).
+        let (first, second) = (w.ledger[0].clone(), w.ledger[1].clone());
+        w.filed_ledger(FiledPage {
+            first_seq: 1,
+            entries: 2,
+            first_at_ms: first.at_ms,
+            last_at_ms: second.at_ms,
+            offset: 0,
+            len: 0,
+        });
+        assert_eq!(w.grants_filed, 2);
+        assert_eq!(
+            w.ops.keys().collect::<Vec<_>>(),
+            vec!["t2"],
+            "filed keys left memory"
+        );
+        assert_eq!(w.retirable_grants(), 2);
+        let before = w.balances();
+        w.retire_grants(2);
+        assert_eq!(w.balances(), before);
+        assert_eq!(
+            (
+                w.grant(1),
+                w.grant(2).is_some(),
+                w.grant(3).map(|g| g.available)
+            ),
+            (None, false, Some(5))
+        );
+        assert_eq!(
+            w.retired.as_ref().map(|r| (r.count, r.amount, r.spent)),
+            Some((2, 20, 20))
+        );
+        w.check_invariants().unwrap();
+        let mut copy = w.clone();
+        copy.restore_derived();
+        assert_eq!(copy, w);
+        // The next grant continues the ids.
+        let grant = WalletCommand::Grant {
+            request_id: "t3".into(),
+            kind: GrantKind::Promotional,
+            amount: 7,
+            expires_at_ms: None,
+        };
+        run(&mut w, grant, &mut lsn);
+        assert_eq!(w.grant(4).map(|g| g.amount), Some(7));
+        // Repeats of a filed top-up whose grant is retired: the index row decides.
+        let repeat = |kind| WalletCommand::Grant {
+            request_id: "t0".into(),
+            kind,
+            amount: 10,
+            expires_at_ms: None,
+        };
+        let row = |grant| HashMap::from([("t0".to_string(), OpRow { seq: 1, grant })]);
+        let mut filed_entry = w.clone();
+        filed_entry.ledger.insert(0, first);
+        filed_entry.filed = None;
+        let known = Some((GrantKind::Paid, None));
+        assert!(matches!(
+            w.decide(
+                &repeat(GrantKind::Paid),
+                2_000,
+                &Mem(&filed_entry, row(known))
+            ),
+            Ok(Decision::Repeat(Some(1)))
+        ));
+        assert!(matches!(
+            w.decide(
+                &repeat(GrantKind::Promotional),
+                2_000,
+                &Mem(&filed_entry, row(known))
+            ),
+            Err(WalletError::KeyReused { .. })
+        ));
+        assert!(matches!(
+            w.decide(
+                &repeat(GrantKind::Promotional),
+                2_000,
+                &Mem(&filed_entry, row(None))
+            ),
+            Ok(Decision::Repeat(Some(1)))
+        ));
+    }
+
+    #[test]
+    #[should_panic(expected = "only final grants retire")]
+    fn a_grant_with_credits_left_never_retires() {
+        let (mut w, _) = funded(100);
+        w.grants_filed = 1;
+        w.retire_grants(1);
     }
 
     #[test]
