@@ -96,7 +96,8 @@ body_bytes_max = 1048576
 # Page size of list routes when `limit` is not given, and its largest value.
 list_limit_default = 50
 list_limit_max = 500
-# How long an Idempotency-Key's stored response is replayed, and keys kept at once.
+# How long an Idempotency-Key's stored response is replayed, and keys kept in memory at
+# once (in flight or stored since the last snapshot; older ones are in an on-disk index).
 idempotency_retention_s = 86400
 idempotency_keys_max = 1000000
 # API keys tracked by the rate limiter at once (idle ones are evicted).
