@@ -307,6 +307,9 @@ impl ResponseStore {
                         .collect();
                 index.add(&[s], &records)?;
             }
+            // Only now: a rebuild cut short starts again at the next open (and deletes
+            // nothing as an orphan meanwhile).
+            index.mark_complete()?;
         }
         let segments = index.segments()?;
         let mut filed_already = Vec::new();

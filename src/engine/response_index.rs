@@ -25,7 +25,7 @@ use std::sync::Mutex;
 use redb::{ReadableTable, TableDefinition};
 
 use crate::engine::batch::archive::ArchiveError;
-use crate::engine::batch::index::{open_db, Db};
+use crate::engine::batch::index::{Db, META};
 use crate::engine::response_files::FiledRef;
 
 /// Version of the layout (`meta.format`); another one is rebuilt from the segments.
@@ -40,7 +40,6 @@ type Row = (u32, u64, u32, u64, [u8; 32]);
 const RESPONSES: TableDefinition<u128, Row> = TableDefinition::new("responses");
 const EXPIRY: TableDefinition<(u64, u128), ()> = TableDefinition::new("expiry");
 const SEGMENTS: TableDefinition<u32, u64> = TableDefinition::new("segments");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 fn row(f: &FiledRef) -> Row {
     (f.segment, f.offset, f.len, f.at_ms, f.fingerprint)
@@ -65,8 +64,6 @@ pub fn response_index_path(data_dir: &Path) -> PathBuf {
 pub(crate) struct ResponseIndex {
     /// The database (its own page cache, bounded by `CACHE_BYTES`).
     db: Db,
-    /// For error messages.
-    path: PathBuf,
     /// Rows (metrics without a read), changed only after a commit.
     rows: Mutex<u64>,
 }
@@ -75,72 +72,29 @@ impl ResponseIndex {
     /// Opens the index; `Ok((index, false))` when it is fresh or was unusable and replaced
     /// by an empty one, which the caller then fills from the segments (`rebuild`).
     pub(crate) fn open(data_dir: &Path) -> Result<(ResponseIndex, bool), ArchiveError> {
-        let path = response_index_path(data_dir);
-        let opened = open_db(&path, CACHE_BYTES)?.and_then(|db| {
-            let index = ResponseIndex {
-                db: Db::new(db),
-                path: path.clone(),
-                rows: Mutex::new(0),
-            };
-            let (format, rows) = index.read_meta().map_err(|e| e.to_string())?;
-            match format {
-                Some(FORMAT) => {
-                    *index.rows.lock().expect("not poisoned") = rows;
-                    Ok((index, true))
-                }
-                None => Ok((index, false)),
-                Some(other) => Err(format!("format {other}, not {FORMAT}")),
-            }
-        });
-        match opened {
-            Ok(x) => Ok(x),
-            Err(reason) => {
-                tracing::warn!(path = %path.display(), %reason, "response index: rebuilding");
-                crate::engine::batch::index::remove_db(&path)?;
-                let db = open_db(&path, CACHE_BYTES)?.map_err(|reason| ArchiveError::Index {
-                    path: path.clone(),
-                    reason,
-                })?;
-                Ok((
-                    ResponseIndex {
-                        db: Db::new(db),
-                        path,
-                        rows: Mutex::new(0),
-                    },
-                    false,
-                ))
-            }
-        }
-    }
-
-    fn err(&self, e: impl std::fmt::Display) -> ArchiveError {
-        ArchiveError::Index {
-            path: self.path.clone(),
-            reason: e.to_string(),
-        }
-    }
-
-    fn read_meta(&self) -> Result<(Option<u64>, u64), ArchiveError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let meta = match tx.open_table(META) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok((None, 0)),
-            Err(e) => return Err(self.err(e)),
+        let (db, usable) = Db::open(&response_index_path(data_dir), CACHE_BYTES, FORMAT)?;
+        let index = ResponseIndex {
+            db,
+            rows: Mutex::new(0),
         };
-        let format = meta
-            .get("format")
-            .map_err(|e| self.err(e))?
-            .map(|v| v.value());
-        let rows = meta
-            .get("rows")
-            .map_err(|e| self.err(e))?
-            .map_or(0, |v| v.value());
-        Ok((format, rows))
+        if usable {
+            let rows = index.db.read(
+                |tx| Ok(tx.open_table(META)?.get("rows")?.map_or(0, |v| v.value())),
+                0,
+            )?;
+            *index.rows.lock().expect("not poisoned") = rows;
+        }
+        Ok((index, usable))
     }
 
     /// Closes the file (engine shutdown); later calls fail.
     pub(crate) fn close(&self) {
         self.db.close();
+    }
+
+    /// Marks the index complete after a rebuild from the segments.
+    pub(crate) fn mark_complete(&self) -> Result<(), ArchiveError> {
+        self.db.write_format(FORMAT)
     }
 
     /// Filed responses within retention or not yet swept (metrics).
@@ -150,33 +104,25 @@ impl ResponseIndex {
 
     /// Where the response with key id `id` is, if filed.
     pub(crate) fn get(&self, id: u128) -> Result<Option<FiledRef>, ArchiveError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let t = match tx.open_table(RESPONSES) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(self.err(e)),
-        };
-        let found = t
-            .get(id)
-            .map_err(|e| self.err(e))?
-            .map(|v| filed(v.value()));
-        Ok(found)
+        self.db.read(
+            |tx| Ok(tx.open_table(RESPONSES)?.get(id)?.map(|v| filed(v.value()))),
+            None,
+        )
     }
 
     /// Segments the index names, with their live records.
     pub(crate) fn segments(&self) -> Result<Vec<(u32, u64)>, ArchiveError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let t = match tx.open_table(SEGMENTS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(self.err(e)),
-        };
-        let mut out = Vec::new();
-        for r in t.iter().map_err(|e| self.err(e))? {
-            let (k, v) = r.map_err(|e| self.err(e))?;
-            out.push((k.value(), v.value()));
-        }
-        Ok(out)
+        self.db.read(
+            |tx| {
+                let mut out = Vec::new();
+                for r in tx.open_table(SEGMENTS)?.iter()? {
+                    let (k, v) = r?;
+                    out.push((k.value(), v.value()));
+                }
+                Ok(out)
+            },
+            Vec::new(),
+        )
     }
 
     /// Indexes the records of segments, in storage order (`(key id, place)`; a later
@@ -188,15 +134,15 @@ impl ResponseIndex {
         segments: &[u32],
         records: &[(u128, FiledRef)],
     ) -> Result<(), ArchiveError> {
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let tx = self.db.begin_write()?;
         let mut rows = self.rows();
         {
-            let mut responses = tx.open_table(RESPONSES).map_err(|e| self.err(e))?;
-            let mut expiry = tx.open_table(EXPIRY).map_err(|e| self.err(e))?;
-            let mut segs = tx.open_table(SEGMENTS).map_err(|e| self.err(e))?;
+            let mut responses = tx.open_table(RESPONSES).map_err(|e| self.db.err(e))?;
+            let mut expiry = tx.open_table(EXPIRY).map_err(|e| self.db.err(e))?;
+            let mut segs = tx.open_table(SEGMENTS).map_err(|e| self.db.err(e))?;
             for s in segments {
-                if segs.get(*s).map_err(|e| self.err(e))?.is_none() {
-                    segs.insert(*s, 0).map_err(|e| self.err(e))?;
+                if segs.get(*s).map_err(|e| self.db.err(e))?.is_none() {
+                    segs.insert(*s, 0).map_err(|e| self.db.err(e))?;
                 }
             }
             for (id, f) in records {
@@ -206,34 +152,37 @@ impl ResponseIndex {
                 );
                 let old = responses
                     .insert(*id, row(f))
-                    .map_err(|e| self.err(e))?
+                    .map_err(|e| self.db.err(e))?
                     .map(|v| filed(v.value()));
                 match old {
                     Some(old) => {
-                        expiry.remove((old.at_ms, *id)).map_err(|e| self.err(e))?;
+                        expiry
+                            .remove((old.at_ms, *id))
+                            .map_err(|e| self.db.err(e))?;
                         let n = segs
                             .get(old.segment)
-                            .map_err(|e| self.err(e))?
+                            .map_err(|e| self.db.err(e))?
                             .map_or(0, |v| v.value());
                         let n = n
                             .checked_sub(1)
                             .expect("a filed record's segment counts it");
-                        segs.insert(old.segment, n).map_err(|e| self.err(e))?;
+                        segs.insert(old.segment, n).map_err(|e| self.db.err(e))?;
                     }
                     None => rows += 1,
                 }
-                expiry.insert((f.at_ms, *id), ()).map_err(|e| self.err(e))?;
+                expiry
+                    .insert((f.at_ms, *id), ())
+                    .map_err(|e| self.db.err(e))?;
                 let n = segs
                     .get(f.segment)
-                    .map_err(|e| self.err(e))?
+                    .map_err(|e| self.db.err(e))?
                     .map_or(0, |v| v.value());
-                segs.insert(f.segment, n + 1).map_err(|e| self.err(e))?;
+                segs.insert(f.segment, n + 1).map_err(|e| self.db.err(e))?;
             }
-            let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
-            meta.insert("format", FORMAT).map_err(|e| self.err(e))?;
-            meta.insert("rows", rows).map_err(|e| self.err(e))?;
+            let mut meta = tx.open_table(META).map_err(|e| self.db.err(e))?;
+            meta.insert("rows", rows).map_err(|e| self.db.err(e))?;
         }
-        tx.commit().map_err(|e| self.err(e))?;
+        tx.commit()?;
         *self.rows.lock().expect("not poisoned") = rows;
         Ok(())
     }
@@ -246,63 +195,65 @@ impl ResponseIndex {
         cutoff_ms: u64,
         deleted: &[u32],
     ) -> Result<(usize, Vec<u32>), ArchiveError> {
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let tx = self.db.begin_write()?;
         let mut rows = self.rows();
         let mut removed = 0usize;
         let mut empty = Vec::new();
         {
-            let mut responses = tx.open_table(RESPONSES).map_err(|e| self.err(e))?;
-            let mut expiry = tx.open_table(EXPIRY).map_err(|e| self.err(e))?;
-            let mut segs = tx.open_table(SEGMENTS).map_err(|e| self.err(e))?;
+            let mut responses = tx.open_table(RESPONSES).map_err(|e| self.db.err(e))?;
+            let mut expiry = tx.open_table(EXPIRY).map_err(|e| self.db.err(e))?;
+            let mut segs = tx.open_table(SEGMENTS).map_err(|e| self.db.err(e))?;
             let due: Vec<(u64, u128)> = expiry
                 .range(..(cutoff_ms, 0u128))
-                .map_err(|e| self.err(e))?
+                .map_err(|e| self.db.err(e))?
                 .take(EXPIRE_ROWS_MAX)
                 .map(|r| r.map(|(k, _)| k.value()))
                 .collect::<Result<_, _>>()
-                .map_err(|e| self.err(e))?;
+                .map_err(|e| self.db.err(e))?;
             for (at_ms, id) in due {
-                expiry.remove((at_ms, id)).map_err(|e| self.err(e))?;
+                expiry.remove((at_ms, id)).map_err(|e| self.db.err(e))?;
                 let current = responses
                     .get(id)
-                    .map_err(|e| self.err(e))?
+                    .map_err(|e| self.db.err(e))?
                     .map(|v| filed(v.value()));
                 // Only the row this expiry entry was made for (`add` moves the entry when
                 // a key is stored again).
                 let Some(f) = current.filter(|f| f.at_ms == at_ms) else {
                     continue;
                 };
-                responses.remove(id).map_err(|e| self.err(e))?;
+                responses.remove(id).map_err(|e| self.db.err(e))?;
                 rows = rows.checked_sub(1).expect("rows counts every response");
                 removed += 1;
                 let n = segs
                     .get(f.segment)
-                    .map_err(|e| self.err(e))?
+                    .map_err(|e| self.db.err(e))?
                     .map_or(0, |v| v.value());
                 segs.insert(
                     f.segment,
                     n.checked_sub(1).expect("segment counts its records"),
                 )
-                .map_err(|e| self.err(e))?;
+                .map_err(|e| self.db.err(e))?;
             }
             for s in deleted {
-                let n = segs.remove(*s).map_err(|e| self.err(e))?.map(|v| v.value());
+                let n = segs
+                    .remove(*s)
+                    .map_err(|e| self.db.err(e))?
+                    .map(|v| v.value());
                 assert!(
                     matches!(n, Some(0) | None),
                     "only empty segments are deleted"
                 );
             }
-            for r in segs.iter().map_err(|e| self.err(e))? {
-                let (k, v) = r.map_err(|e| self.err(e))?;
+            for r in segs.iter().map_err(|e| self.db.err(e))? {
+                let (k, v) = r.map_err(|e| self.db.err(e))?;
                 if v.value() == 0 {
                     empty.push(k.value());
                 }
             }
-            let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
-            meta.insert("format", FORMAT).map_err(|e| self.err(e))?;
-            meta.insert("rows", rows).map_err(|e| self.err(e))?;
+            let mut meta = tx.open_table(META).map_err(|e| self.db.err(e))?;
+            meta.insert("rows", rows).map_err(|e| self.db.err(e))?;
         }
-        tx.commit().map_err(|e| self.err(e))?;
+        tx.commit()?;
         *self.rows.lock().expect("not poisoned") = rows;
         Ok((removed, empty))
     }

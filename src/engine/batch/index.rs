@@ -47,7 +47,8 @@ const REQUESTS: TableDefinition<(u128, &str), (u128, [u8; 32])> = TableDefinitio
 const VIDEOS: TableDefinition<u128, (u128, u128, u32)> = TableDefinition::new("videos");
 const DAY_ITEMS: TableDefinition<(u64, u128), u64> = TableDefinition::new("day_items");
 const DAY_KEY_CREDITS: TableDefinition<(u64, u128), u64> = TableDefinition::new("day_key_credits");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Every derived index's `meta` table (its `format` row marks it complete).
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Item states in `meta`, in `Counts` field order.
 const COUNT_NAMES: [&str; 6] = [
@@ -111,8 +112,6 @@ fn count_fields(c: &Counts) -> [u64; 6] {
 pub(crate) struct ArchiveIndex {
     /// The database (its own page cache, bounded by `CACHE_BYTES`).
     db: Db,
-    /// For error messages and resets.
-    path: PathBuf,
     /// Mirrors `meta`; changed only with it, after the commit.
     totals: Mutex<Totals>,
 }
@@ -125,65 +124,147 @@ pub fn index_path(data_dir: &Path) -> PathBuf {
 /// A derived-index database that can be closed while shared: `Engine::shutdown` closes it,
 /// so the same process can open the data directory again (redb locks the file while it is
 /// open). A transaction holds the read side of the lock, so closing waits for every one in
-/// flight; after it, every transaction fails.
-pub(crate) struct Db(std::sync::RwLock<Option<Database>>);
-
-/// A transaction and the hold on its database (the transaction drops first).
-pub(crate) struct Tx<'a, T> {
-    tx: T,
-    _open: std::sync::RwLockReadGuard<'a, Option<Database>>,
+/// flight; after it, every transaction fails. Shared by the three derived indexes.
+pub(crate) struct Db {
+    /// `None` once closed.
+    db: std::sync::RwLock<Option<Database>>,
+    /// For error messages.
+    path: PathBuf,
 }
 
-impl<T> std::ops::Deref for Tx<'_, T> {
-    type Target = T;
-    fn deref(&self) -> &T {
+/// A write transaction and the hold on its database (the transaction drops first).
+pub(crate) struct Tx<'a> {
+    tx: redb::WriteTransaction,
+    _open: std::sync::RwLockReadGuard<'a, Option<Database>>,
+    db: &'a Db,
+}
+
+impl std::ops::Deref for Tx<'_> {
+    type Target = redb::WriteTransaction;
+    fn deref(&self) -> &redb::WriteTransaction {
         &self.tx
     }
 }
 
-impl<'a> Tx<'a, redb::WriteTransaction> {
+impl Tx<'_> {
     /// Commits durably.
-    pub(crate) fn commit(self) -> Result<(), redb::CommitError> {
-        self.tx.commit()
+    pub(crate) fn commit(self) -> Result<(), ArchiveError> {
+        let db = self.db;
+        self.tx.commit().map_err(|e| db.err(e))
     }
 }
 
 impl Db {
-    pub(crate) fn new(db: Database) -> Db {
-        Db(std::sync::RwLock::new(Some(db)))
+    pub(crate) fn new(db: Database, path: &Path) -> Db {
+        Db {
+            db: std::sync::RwLock::new(Some(db)),
+            path: path.to_path_buf(),
+        }
     }
 
-    fn open_guard(&self) -> Result<std::sync::RwLockReadGuard<'_, Option<Database>>, String> {
-        let guard = self.0.read().expect("not poisoned");
+    /// Opens the derived index at `path` (its folder must exist). `(db, true)`: it carries
+    /// `format` and can be used as it is. `(db, false)`: it was missing, unusable, of
+    /// another format or never completed, and is now empty; the caller fills it from its
+    /// source, then `write_format`.
+    pub(crate) fn open(
+        path: &Path,
+        cache_bytes: usize,
+        format: u64,
+    ) -> Result<(Db, bool), ArchiveError> {
+        let found = open_db(path, cache_bytes)?.and_then(|db| {
+            let db = Db::new(db, path);
+            match db.format().map_err(|e| e.to_string())? {
+                Some(f) if f == format => Ok((db, true)),
+                None => Ok((db, false)),
+                Some(other) => Err(format!("format {other}, not {format}")),
+            }
+        });
+        match found {
+            Ok(x) => Ok(x),
+            Err(reason) => {
+                tracing::warn!(path = %path.display(), %reason, "derived index: rebuilding");
+                remove_db(path)?;
+                let db = open_db(path, cache_bytes)?.map_err(|reason| ArchiveError::Index {
+                    path: path.to_path_buf(),
+                    reason,
+                })?;
+                Ok((Db::new(db, path), false))
+            }
+        }
+    }
+
+    /// Marks the index complete (after it was filled from its source): until this row
+    /// is written, an interrupted rebuild is started again at the next open.
+    pub(crate) fn write_format(&self, format: u64) -> Result<(), ArchiveError> {
+        let tx = self.begin_write()?;
+        {
+            let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
+            meta.insert("format", format).map_err(|e| self.err(e))?;
+        }
+        tx.commit()
+    }
+
+    fn format(&self) -> Result<Option<u64>, ArchiveError> {
+        self.read(
+            |tx| Ok(tx.open_table(META)?.get("format")?.map(|v| v.value())),
+            None,
+        )
+    }
+
+    /// An index error about this file.
+    pub(crate) fn err(&self, e: impl std::fmt::Display) -> ArchiveError {
+        ArchiveError::Index {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    fn open_guard(&self) -> Result<std::sync::RwLockReadGuard<'_, Option<Database>>, ArchiveError> {
+        let guard = self.db.read().expect("not poisoned");
         if guard.is_none() {
-            return Err("the index is closed (the engine stopped)".into());
+            return Err(self.err("the index is closed (the engine stopped)"));
         }
         Ok(guard)
     }
 
-    pub(crate) fn begin_read(&self) -> Result<Tx<'_, redb::ReadTransaction>, String> {
+    /// Runs `f` in a read transaction. A table that does not exist yet (nothing was
+    /// written to it) reads as `empty`.
+    pub(crate) fn read<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>,
+        empty: T,
+    ) -> Result<T, ArchiveError> {
         let open = self.open_guard()?;
         let tx = open
             .as_ref()
             .expect("checked open")
             .begin_read()
-            .map_err(|e| e.to_string())?;
-        Ok(Tx { tx, _open: open })
+            .map_err(|e| self.err(e))?;
+        match f(&tx) {
+            Ok(v) => Ok(v),
+            Err(redb::Error::TableDoesNotExist(_)) => Ok(empty),
+            Err(e) => Err(self.err(e)),
+        }
     }
 
-    pub(crate) fn begin_write(&self) -> Result<Tx<'_, redb::WriteTransaction>, String> {
+    /// A write transaction (commit it with `Tx::commit`).
+    pub(crate) fn begin_write(&self) -> Result<Tx<'_>, ArchiveError> {
         let open = self.open_guard()?;
         let tx = open
             .as_ref()
             .expect("checked open")
             .begin_write()
-            .map_err(|e| e.to_string())?;
-        Ok(Tx { tx, _open: open })
+            .map_err(|e| self.err(e))?;
+        Ok(Tx {
+            tx,
+            _open: open,
+            db: self,
+        })
     }
 
     /// Closes the database (waits for transactions in flight).
     pub(crate) fn close(&self) {
-        drop(self.0.write().expect("not poisoned").take());
+        drop(self.db.write().expect("not poisoned").take());
     }
 }
 
@@ -234,86 +315,51 @@ impl ArchiveIndex {
             })?;
             wal::fsync_dir(data_dir)?;
         }
-        match Self::open_existing(&path)? {
-            Ok(index) => Ok(index),
-            Err(reason) => {
-                tracing::warn!(path = %path.display(), %reason, "archive index: rebuilding");
-                Self::create_empty(path)
-            }
-        }
+        Self::open_at(&path)
     }
 
-    fn open_existing(path: &Path) -> Result<Result<ArchiveIndex, String>, ArchiveError> {
-        Ok(Self::open_usable(path, open_db(path, CACHE_BYTES)?))
-    }
-
-    fn open_usable(path: &Path, db: Result<Database, String>) -> Result<ArchiveIndex, String> {
-        let db = db?;
+    fn open_at(path: &Path) -> Result<ArchiveIndex, ArchiveError> {
+        let (db, usable) = Db::open(path, CACHE_BYTES, FORMAT)?;
         let index = ArchiveIndex {
-            db: Db::new(db),
-            path: path.to_path_buf(),
+            db,
             totals: Mutex::new(Totals::default()),
         };
-        let (format, totals) = index.read_meta().map_err(|e| e.to_string())?;
-        match format {
-            Some(FORMAT) => {}
-            None if totals == Totals::default() => {
-                index.write_format().map_err(|e| e.to_string())?
-            }
-            other => return Err(format!("format {other:?}, not {FORMAT}")),
+        if usable {
+            *index.totals.lock().expect("not poisoned") = index.read_meta()?;
+        } else {
+            index.db.write_format(FORMAT)?;
         }
-        *index.totals.lock().expect("not poisoned") = totals;
         Ok(index)
     }
 
     /// Replaces the index with an empty one (damaged, another format, or ahead of the
     /// archive): the caller indexes the archive from its start.
     pub(crate) fn reset(self) -> Result<ArchiveIndex, ArchiveError> {
-        let path = self.path.clone();
+        let path = self.db.path.clone();
         drop(self);
-        Self::create_empty(path)
-    }
-
-    fn create_empty(path: PathBuf) -> Result<ArchiveIndex, ArchiveError> {
         remove_db(&path)?;
-        Self::open_existing(&path)?.map_err(|reason| ArchiveError::Index { path, reason })
+        Self::open_at(&path)
     }
 
-    fn err(&self, e: impl std::fmt::Display) -> ArchiveError {
-        ArchiveError::Index {
-            path: self.path.clone(),
-            reason: e.to_string(),
-        }
-    }
-
-    fn read_meta(&self) -> Result<(Option<u64>, Totals), ArchiveError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let meta = match tx.open_table(META) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok((None, Totals::default())),
-            Err(e) => return Err(self.err(e)),
-        };
-        let get = |k: &str| -> Result<Option<u64>, ArchiveError> {
-            Ok(meta.get(k).map_err(|e| self.err(e))?.map(|v| v.value()))
-        };
-        let mut totals = Totals {
-            covered_bytes: get("covered_bytes")?.unwrap_or(0),
-            archived: get("archived")?.unwrap_or(0),
-            items: [0; 6],
-        };
-        for (i, name) in COUNT_NAMES.iter().enumerate() {
-            totals.items[i] = get(name)?.unwrap_or(0);
-        }
-        Ok((get("format")?, totals))
-    }
-
-    fn write_format(&self) -> Result<(), ArchiveError> {
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
-            meta.insert("format", FORMAT).map_err(|e| self.err(e))?;
-        }
-        tx.commit().map_err(|e| self.err(e))
+    fn read_meta(&self) -> Result<Totals, ArchiveError> {
+        self.db.read(
+            |tx| {
+                let meta = tx.open_table(META)?;
+                let get = |k: &str| -> Result<u64, redb::Error> {
+                    Ok(meta.get(k)?.map_or(0, |v| v.value()))
+                };
+                let mut totals = Totals {
+                    covered_bytes: get("covered_bytes")?,
+                    archived: get("archived")?,
+                    items: [0; 6],
+                };
+                for (i, name) in COUNT_NAMES.iter().enumerate() {
+                    totals.items[i] = get(name)?;
+                }
+                Ok(totals)
+            },
+            Totals::default(),
+        )
     }
 
     /// Closes the file (engine shutdown); later calls fail.
@@ -349,55 +395,55 @@ impl ArchiveIndex {
         if records.is_empty() {
             return Ok(totals);
         }
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let tx = self.db.begin_write()?;
         let mut newest_day = 0u64;
         {
-            let mut batches = tx.open_table(BATCHES).map_err(|e| self.err(e))?;
-            let mut listing = tx.open_table(LISTING).map_err(|e| self.err(e))?;
-            let mut requests = tx.open_table(REQUESTS).map_err(|e| self.err(e))?;
-            let mut videos = tx.open_table(VIDEOS).map_err(|e| self.err(e))?;
-            let mut day_items = tx.open_table(DAY_ITEMS).map_err(|e| self.err(e))?;
-            let mut day_credits = tx.open_table(DAY_KEY_CREDITS).map_err(|e| self.err(e))?;
+            let mut batches = tx.open_table(BATCHES).map_err(|e| self.db.err(e))?;
+            let mut listing = tx.open_table(LISTING).map_err(|e| self.db.err(e))?;
+            let mut requests = tx.open_table(REQUESTS).map_err(|e| self.db.err(e))?;
+            let mut videos = tx.open_table(VIDEOS).map_err(|e| self.db.err(e))?;
+            let mut day_items = tx.open_table(DAY_ITEMS).map_err(|e| self.db.err(e))?;
+            let mut day_credits = tx.open_table(DAY_KEY_CREDITS).map_err(|e| self.db.err(e))?;
             for (at, s) in records {
                 let fresh = batches
                     .insert(s.id.0, (s.tenant.0, at.offset, at.len, s.last_lsn))
-                    .map_err(|e| self.err(e))?
+                    .map_err(|e| self.db.err(e))?
                     .is_none();
                 // The live server archives a batch once; a batch archived again would be
                 // counted twice in the totals and the day counters.
                 assert!(fresh, "batch {} is indexed once", s.id);
                 listing
                     .insert((s.tenant.0, s.id.0), ())
-                    .map_err(|e| self.err(e))?;
+                    .map_err(|e| self.db.err(e))?;
                 if let Some(r) = &s.spec.request_id {
                     requests
                         .insert((s.tenant.0, r.as_str()), (s.id.0, s.spec.fingerprint))
-                        .map_err(|e| self.err(e))?;
+                        .map_err(|e| self.db.err(e))?;
                 }
                 for (i, item) in s.items.iter().enumerate() {
                     if let Some(o) = &item.output {
                         videos
                             .insert(o.video.0, (s.tenant.0, s.id.0, i as u32))
-                            .map_err(|e| self.err(e))?;
+                            .map_err(|e| self.db.err(e))?;
                     }
                 }
                 let day = s.created_at_ms / super::DAY_MS;
                 newest_day = newest_day.max(day);
                 let items = day_items
                     .get((day, s.tenant.0))
-                    .map_err(|e| self.err(e))?
+                    .map_err(|e| self.db.err(e))?
                     .map_or(0, |v| v.value());
                 day_items
                     .insert((day, s.tenant.0), items.saturating_add(s.spec.items as u64))
-                    .map_err(|e| self.err(e))?;
+                    .map_err(|e| self.db.err(e))?;
                 if let Some(k) = s.spec.api_key {
                     let c = day_credits
                         .get((day, k.0))
-                        .map_err(|e| self.err(e))?
+                        .map_err(|e| self.db.err(e))?
                         .map_or(0, |v| v.value());
                     day_credits
                         .insert((day, k.0), c.saturating_add(s.spec.total()))
-                        .map_err(|e| self.err(e))?;
+                        .map_err(|e| self.db.err(e))?;
                 }
                 totals.archived += 1;
                 for (t, x) in totals.items.iter_mut().zip(count_fields(&s.counts)) {
@@ -408,42 +454,28 @@ impl ArchiveIndex {
             let cutoff = (newest_day.saturating_sub(1), 0u128);
             day_items
                 .retain_in(..cutoff, |_, _| false)
-                .map_err(|e| self.err(e))?;
+                .map_err(|e| self.db.err(e))?;
             day_credits
                 .retain_in(..cutoff, |_, _| false)
-                .map_err(|e| self.err(e))?;
+                .map_err(|e| self.db.err(e))?;
             totals.covered_bytes = covered_to;
-            let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
+            let mut meta = tx.open_table(META).map_err(|e| self.db.err(e))?;
             meta.insert("covered_bytes", totals.covered_bytes)
-                .map_err(|e| self.err(e))?;
+                .map_err(|e| self.db.err(e))?;
             meta.insert("archived", totals.archived)
-                .map_err(|e| self.err(e))?;
+                .map_err(|e| self.db.err(e))?;
             for (name, v) in COUNT_NAMES.iter().zip(totals.items) {
-                meta.insert(*name, v).map_err(|e| self.err(e))?;
+                meta.insert(*name, v).map_err(|e| self.db.err(e))?;
             }
         }
-        tx.commit().map_err(|e| self.err(e))?;
+        tx.commit()?;
         *self.totals.lock().expect("not poisoned") = totals;
         Ok(totals)
     }
 
-    fn read<T>(
-        &self,
-        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>,
-        empty: T,
-    ) -> Result<T, ArchiveError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        match f(&tx) {
-            Ok(v) => Ok(v),
-            // Nothing was indexed yet.
-            Err(redb::Error::TableDoesNotExist(_)) => Ok(empty),
-            Err(e) => Err(self.err(e)),
-        }
-    }
-
     /// The archived batch `id`.
     pub(crate) fn batch(&self, id: BatchId) -> Result<Option<Indexed>, ArchiveError> {
-        self.read(
+        self.db.read(
             |tx| {
                 let t = tx.open_table(BATCHES)?;
                 let found = t.get(id.0)?.map(|v| {
@@ -462,7 +494,7 @@ impl ArchiveIndex {
 
     /// Which of `ids` are archived (one read transaction for all).
     pub(crate) fn archived_among(&self, ids: &[BatchId]) -> Result<HashSet<BatchId>, ArchiveError> {
-        self.read(
+        self.db.read(
             |tx| {
                 let t = tx.open_table(BATCHES)?;
                 let mut out = HashSet::new();
@@ -482,7 +514,7 @@ impl ArchiveIndex {
         &self,
         id: VideoId,
     ) -> Result<Option<(TenantId, BatchId, u32)>, ArchiveError> {
-        self.read(
+        self.db.read(
             |tx| {
                 let t = tx.open_table(VIDEOS)?;
                 let found = t.get(id.0)?.map(|v| {
@@ -502,7 +534,7 @@ impl ArchiveIndex {
         tenant: TenantId,
         request_id: &str,
     ) -> Result<Option<(BatchId, [u8; 32])>, ArchiveError> {
-        self.read(
+        self.db.read(
             |tx| {
                 let t = tx.open_table(REQUESTS)?;
                 let found = t.get((tenant.0, request_id))?.map(|v| {
@@ -528,7 +560,7 @@ impl ArchiveIndex {
         if after.is_some_and(|a| a.0 == u128::MAX) {
             return Ok(Vec::new());
         }
-        self.read(
+        self.db.read(
             |tx| {
                 let t = tx.open_table(LISTING)?;
                 let mut out = Vec::with_capacity(limit);
@@ -551,7 +583,7 @@ impl ArchiveIndex {
         &self,
         from_day: u64,
     ) -> Result<(Vec<((TenantId, u64), u64)>, Vec<((KeyId, u64), u64)>), ArchiveError> {
-        self.read(
+        self.db.read(
             |tx| {
                 let mut items = Vec::new();
                 for row in tx.open_table(DAY_ITEMS)?.range((from_day, 0u128)..)? {
@@ -573,7 +605,7 @@ impl ArchiveIndex {
 
     /// Every archived batch and where it is, in id order (reconciliation: O(archive)).
     pub(crate) fn all(&self) -> Result<Vec<(BatchId, Indexed)>, ArchiveError> {
-        self.read(
+        self.db.read(
             |tx| {
                 let t = tx.open_table(BATCHES)?;
                 let mut out = Vec::new();

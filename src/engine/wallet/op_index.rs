@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use redb::{ReadableTable, TableDefinition};
 
 use crate::engine::batch::archive::ArchiveError;
-use crate::engine::batch::index::{open_db, remove_db, Db};
+use crate::engine::batch::index::Db;
 use crate::engine::wallet::history::HistoryPage;
 use crate::engine::wallet::ledger::EntryKind;
 use crate::engine::wallet::state::GrantKind;
@@ -42,7 +42,6 @@ const REBUILD_ROWS_PER_TX: usize = 50_000;
 
 type Row = (u64, u8, u64);
 const OPS: TableDefinition<(u128, &str), Row> = TableDefinition::new("ops");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// A filed operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,42 +89,17 @@ pub fn op_index_path(data_dir: &Path) -> PathBuf {
 pub(crate) struct OpIndex {
     /// The database (its own page cache, bounded by `CACHE_BYTES`).
     db: Db,
-    /// For error messages.
-    path: PathBuf,
 }
 
 impl OpIndex {
     /// Opens the index; one that is missing, unusable or of another format is rebuilt from
     /// the history file (streamed: a page at a time).
     pub(crate) fn open(data_dir: &Path) -> Result<OpIndex, ArchiveError> {
-        let path = op_index_path(data_dir);
-        let usable = open_db(&path, CACHE_BYTES)?.and_then(|db| {
-            let index = OpIndex {
-                db: Db::new(db),
-                path: path.clone(),
-            };
-            match index.format().map_err(|e| e.to_string())? {
-                Some(FORMAT) => Ok(Some(index)),
-                None => Ok(None),
-                Some(other) => Err(format!("format {other}, not {FORMAT}")),
-            }
-        });
-        match usable {
-            Ok(Some(index)) => return Ok(index),
-            Ok(None) => {}
-            Err(reason) => {
-                tracing::warn!(path = %path.display(), %reason, "operation index: rebuilding");
-            }
+        let (db, usable) = Db::open(&op_index_path(data_dir), CACHE_BYTES, FORMAT)?;
+        let index = OpIndex { db };
+        if usable {
+            return Ok(index);
         }
-        remove_db(&path)?;
-        let db = open_db(&path, CACHE_BYTES)?.map_err(|reason| ArchiveError::Index {
-            path: path.clone(),
-            reason,
-        })?;
-        let index = OpIndex {
-            db: Db::new(db),
-            path,
-        };
         let mut rows: Vec<(TenantId, String, OpRow)> = Vec::new();
         crate::engine::wallet::history::visit_pages(data_dir, &mut |page| {
             rows.extend(ops_of(&page, |_| None));
@@ -135,30 +109,10 @@ impl OpIndex {
             }
             Ok(())
         })?;
-        // Written even when empty: the format row marks the index complete.
         index.add(&rows)?;
+        // Only now: a rebuild cut short starts again at the next open.
+        index.db.write_format(FORMAT)?;
         Ok(index)
-    }
-
-    fn err(&self, e: impl std::fmt::Display) -> ArchiveError {
-        ArchiveError::Index {
-            path: self.path.clone(),
-            reason: e.to_string(),
-        }
-    }
-
-    fn format(&self) -> Result<Option<u64>, ArchiveError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let meta = match tx.open_table(META) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(self.err(e)),
-        };
-        let format = meta
-            .get("format")
-            .map_err(|e| self.err(e))?
-            .map(|v| v.value());
-        Ok(format)
     }
 
     /// Closes the file (engine shutdown); later calls fail.
@@ -169,13 +123,13 @@ impl OpIndex {
     /// Adds operations (a key already present gets the same entry again: a page filed
     /// twice after a crash holds the same entries) and commits durably.
     pub(crate) fn add(&self, rows: &[(TenantId, String, OpRow)]) -> Result<(), ArchiveError> {
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let tx = self.db.begin_write()?;
         {
-            let mut ops = tx.open_table(OPS).map_err(|e| self.err(e))?;
+            let mut ops = tx.open_table(OPS).map_err(|e| self.db.err(e))?;
             for (tenant, request_id, row) in rows {
                 let old = ops
                     .insert((tenant.0, request_id.as_str()), encode(row))
-                    .map_err(|e| self.err(e))?
+                    .map_err(|e| self.db.err(e))?
                     .map(|v| decode(v.value()));
                 // One key, one entry, forever: a key filed again names the same entry.
                 assert!(
@@ -183,10 +137,8 @@ impl OpIndex {
                     "operation {request_id} of {tenant} names one ledger entry"
                 );
             }
-            let mut meta = tx.open_table(META).map_err(|e| self.err(e))?;
-            meta.insert("format", FORMAT).map_err(|e| self.err(e))?;
         }
-        tx.commit().map_err(|e| self.err(e))
+        tx.commit()
     }
 
     /// The filed operation `request_id` of `tenant`.
@@ -195,17 +147,14 @@ impl OpIndex {
         tenant: TenantId,
         request_id: &str,
     ) -> Result<Option<OpRow>, ArchiveError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let ops = match tx.open_table(OPS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(self.err(e)),
-        };
-        let found = ops
-            .get((tenant.0, request_id))
-            .map_err(|e| self.err(e))?
-            .map(|v| decode(v.value()));
-        Ok(found)
+        self.db.read(
+            |tx| {
+                let ops = tx.open_table(OPS)?;
+                let found = ops.get((tenant.0, request_id))?.map(|v| decode(v.value()));
+                Ok(found)
+            },
+            None,
+        )
     }
 }
 
