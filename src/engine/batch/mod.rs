@@ -394,6 +394,14 @@ pub(crate) struct BatchCtx {
     pub recent_large: std::sync::Mutex<std::collections::VecDeque<FinishedCopy>>,
 }
 
+/// Where a batch is, as `locate` found it.
+enum Located {
+    /// Running: its actor answers.
+    Live(Addr<BatchActor>),
+    /// Finished: in memory (`None`) or in the archive, here.
+    Finished(Option<archive::ArchiveRef>),
+}
+
 /// A finished batch's state and prompts, shared.
 pub(crate) type FinishedCopy = (Arc<BatchState>, Arc<Expansion>);
 
@@ -867,21 +875,29 @@ impl Engine {
         tenant: TenantId,
         id: BatchId,
     ) -> Result<Option<Addr<BatchActor>>, BatchError> {
+        Ok(match self.locate(tenant, id)? {
+            Located::Live(a) => Some(a),
+            Located::Finished(_) => None,
+        })
+    }
+
+    /// Where the tenant's batch is; another tenant's is `NotFound`.
+    fn locate(&self, tenant: TenantId, id: BatchId) -> Result<Located, BatchError> {
         let d = self.batch_ctx().dir.map.read().expect("not poisoned");
         if let Some((t, a)) = d.active.get(&id) {
             return if *t == tenant {
-                Ok(Some(a.clone()))
+                Ok(Located::Live(a.clone()))
             } else {
                 Err(BatchError::NotFound)
             };
         }
         match d.finished.get(&id) {
-            Some(f) if f.state.tenant == tenant => Ok(None),
+            Some(f) if f.state.tenant == tenant => Ok(Located::Finished(None)),
             Some(_) => Err(BatchError::NotFound),
             None => {
                 drop(d);
                 match self.batch_ctx().index.batch(id).map_err(unavailable)? {
-                    Some(i) if i.tenant == tenant => Ok(None),
+                    Some(i) if i.tenant == tenant => Ok(Located::Finished(Some(i.at))),
                     _ => Err(BatchError::NotFound),
                 }
             }
@@ -892,24 +908,33 @@ impl Engine {
     /// from the archive. Small records are read in place (a page-cache read of a few KiB
     /// costs less than a hand-off to the blocking pool, which a soak showed adding latency
     /// to every read); larger ones on the blocking pool. The caller checked the owner.
+    /// `archived`: where the record is, when the caller already looked it up (an archived
+    /// batch stays where it is).
     async fn finished_state(
         &self,
         id: BatchId,
+        archived: Option<archive::ArchiveRef>,
     ) -> Result<(Arc<BatchState>, Option<Arc<Expansion>>, bool), BatchError> {
         let ctx = Arc::clone(self.batch_ctx());
-        {
-            let d = ctx.dir.map.read().expect("not poisoned");
-            if let Some(f) = d.finished.get(&id) {
-                return Ok((Arc::clone(&f.state), Some(Arc::clone(&f.expansion)), false));
+        let at = match archived {
+            Some(at) => at,
+            None => {
+                {
+                    let d = ctx.dir.map.read().expect("not poisoned");
+                    if let Some(f) = d.finished.get(&id) {
+                        let e = Some(Arc::clone(&f.expansion));
+                        return Ok((Arc::clone(&f.state), e, false));
+                    }
+                }
+                // Not in memory: a snapshot archived it (the index commits before memory
+                // lets go).
+                ctx.index
+                    .batch(id)
+                    .map_err(unavailable)?
+                    .ok_or(BatchError::NotFound)?
+                    .at
             }
-        }
-        // Not in memory: a snapshot archived it (the index commits before memory lets go).
-        let at = ctx
-            .index
-            .batch(id)
-            .map_err(unavailable)?
-            .ok_or(BatchError::NotFound)?
-            .at;
+        };
         {
             let mut recent = ctx.recent_large.lock().expect("not poisoned");
             if let Some(i) = recent.iter().position(|(s, _)| s.id == id) {
@@ -964,15 +989,15 @@ impl Engine {
         // At most two tries: an actor that finishes between the lookup and the read has
         // moved its state to the finished map.
         for _ in 0..2 {
-            match self.batch_addr(tenant, id)? {
-                Some(addr) => {
+            match self.locate(tenant, id)? {
+                Located::Live(addr) => {
                     if let Ok((answer, lsn)) = addr.send(read()).await {
                         self.wait_acked(lsn).await?;
                         return Ok(answer);
                     }
                 }
-                None => {
-                    let (s, exp, archived) = self.finished_state(id).await?;
+                Located::Finished(place) => {
+                    let (s, exp, archived) = self.finished_state(id, place).await?;
                     // An archived state was acknowledged before it was written there.
                     if !archived {
                         self.wait_acked(s.last_lsn).await?;
