@@ -982,6 +982,8 @@ impl Engine {
             let a = i.access.lock().expect("not poisoned");
             (a.image(), a.last_lsn)
         };
+        // The deep copies, after the lock is released (downloads keep recording meanwhile).
+        let access: Vec<AccessEntry> = access.iter().map(|e| AccessEntry::clone(e)).collect();
         // Everything captured was appended before this point: once it is acknowledged,
         // the image holds nothing the log could still lose.
         let newest = i.wal.next_lsn() - 1;
@@ -1025,14 +1027,6 @@ impl Engine {
         *i.last_snapshot.lock().expect("not poisoned") = Instant::now();
         let image_bytes = bytes.len();
         drop(bytes);
-        // The image, its copies and the finished batches just archived were large and are
-        // freed now; glibc keeps freed heap pages (and raises its mmap threshold after a
-        // large free), so without this each snapshot leaves resident memory at its own
-        // peak. Off the async threads: it walks every arena.
-        let step = Instant::now();
-        let trimmed = tokio::task::spawn_blocking(release_free_memory).await;
-        debug_assert!(trimmed.is_ok());
-        let trim_ms = ms(step);
         tracing::info!(
             covered_lsn,
             bytes = image_bytes,
@@ -1048,7 +1042,6 @@ impl Engine {
             compact_ms,
             encode_ms,
             write_ms,
-            trim_ms,
             total_ms = started.elapsed().as_millis() as u64,
             "snapshot written"
         );
@@ -1284,16 +1277,6 @@ impl Drop for Inner {
         if let Some(rt) = self.workers.lock().ok().and_then(|mut g| g.take()) {
             rt.shutdown_background();
         }
-    }
-}
-
-/// Gives freed heap memory back to the system (glibc's `malloc_trim`; elsewhere nothing).
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free memory of the allocator's own arenas to the
-    // system; it touches no memory the program holds and is safe to call from any thread.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 

@@ -97,7 +97,7 @@ impl Totals {
     }
 }
 
-fn count_fields(c: &Counts) -> [u64; 6] {
+pub(crate) fn count_fields(c: &Counts) -> [u64; 6] {
     [
         c.total.into(),
         c.pending.into(),

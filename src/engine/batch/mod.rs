@@ -1372,26 +1372,51 @@ impl Engine {
         .await
         .map_err(|e| BatchError::Unavailable(e.to_string()))?;
         let totals = totals.map_err(unavailable)?;
-        let mut d = self.batch_ctx().dir.map.write().expect("not poisoned");
-        for s in &hot {
-            let gone = d
-                .finished
-                .remove(&s.id)
-                .expect("finished batches stay until archived");
-            assert!(Arc::ptr_eq(&gone.state, s), "archived once");
-            sub_counts(&mut d.finished_counts, &s.counts);
-            d.by_tenant.remove(&(s.tenant, s.id));
-            if let Some(r) = &s.spec.request_id {
-                d.requests.remove(&(s.tenant, r.clone()));
-            }
-            for item in &s.items {
-                if let Some(o) = &item.output {
-                    d.videos.remove(&o.video);
+        // Memory lets go in chunks, one write lock each: a snapshot thread (low priority)
+        // holding the directory for all of a minute's batches kept batch reads and
+        // creations waiting. Between chunks a batch is both in memory and in the index;
+        // lookups find it either way, and each chunk moves its counts from the finished
+        // totals to the archived ones, so totals never count a batch twice or not at all.
+        const FORGET_CHUNK_BATCHES: usize = 256;
+        for chunk in hot.chunks(FORGET_CHUNK_BATCHES) {
+            let mut d = self.batch_ctx().dir.map.write().expect("not poisoned");
+            for s in chunk {
+                let gone = d
+                    .finished
+                    .remove(&s.id)
+                    .expect("finished batches stay until archived");
+                assert!(Arc::ptr_eq(&gone.state, s), "archived once");
+                sub_counts(&mut d.finished_counts, &s.counts);
+                d.archived.archived += 1;
+                for (t, x) in d
+                    .archived
+                    .items
+                    .iter_mut()
+                    .zip(index::count_fields(&s.counts))
+                {
+                    *t += x;
+                }
+                d.by_tenant.remove(&(s.tenant, s.id));
+                if let Some(r) = &s.spec.request_id {
+                    d.requests.remove(&(s.tenant, r.clone()));
+                }
+                for item in &s.items {
+                    if let Some(o) = &item.output {
+                        d.videos.remove(&o.video);
+                    }
                 }
             }
+            // Creations that looked a request id up in the index before this chunk left
+            // memory look it up again.
+            d.archived_generation += 1;
         }
+        let mut d = self.batch_ctx().dir.map.write().expect("not poisoned");
+        assert_eq!(
+            (d.archived.archived, d.archived.items),
+            (totals.archived, totals.items),
+            "the chunks moved exactly what the index took"
+        );
         d.archived = totals;
-        d.archived_generation += 1;
         Ok(hot.len())
     }
 
