@@ -219,4 +219,39 @@ mod tests {
         };
         assert_eq!(log.page(&denied, Some(AccessId(5)), 10, 100).len(), 1);
     }
+
+    /// A snapshot's image shares the entries (no copy under the caller's lock), oldest
+    /// first, and an image taken before later appends and evictions keeps what it took.
+    #[test]
+    fn the_image_shares_entries_and_restores_the_same_log() {
+        let mut log = AccessLog::new(3);
+        for i in 1..=4 {
+            log.apply(entry(i, 1, true), i as u64);
+        }
+        let image = log.image();
+        assert_eq!(
+            image.iter().map(|e| e.id.0).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
+        assert!(
+            image.iter().all(|e| Arc::strong_count(e) == 2),
+            "shared, not copied"
+        );
+        log.apply(entry(5, 1, true), 5);
+        assert_eq!(image.len(), 3, "later appends do not reach a taken image");
+        assert_eq!(
+            Arc::strong_count(&image[0]),
+            1,
+            "evicted: only the image holds it"
+        );
+        let mut restored = AccessLog::new(3);
+        restored.restore(image.iter().map(|e| AccessEntry::clone(e)).collect(), 4);
+        assert_eq!(restored.last_lsn, 4);
+        let page = restored.page(&AccessFilter::default(), None, 10, 100);
+        assert_eq!(
+            page.iter().map(|e| e.id.0).collect::<Vec<_>>(),
+            vec![4, 3, 2]
+        );
+        assert_eq!(page[2], *image[0], "the same entry, by value");
+    }
 }
