@@ -786,6 +786,26 @@ fn finished_batches_move_to_the_archive_and_read_back_the_same() {
     assert!(err.to_string().contains("damaged"), "{err}");
 }
 
+/// A tenant's batch ids, page by page (`limit` each, at most `pages_max` pages).
+async fn list_all(
+    engine: &Engine,
+    t: TenantId,
+    limit: usize,
+    pages_max: usize,
+) -> Vec<reelbatch::ids::BatchId> {
+    let mut ids = Vec::new();
+    let mut after = None;
+    for _ in 0..pages_max {
+        let page = engine.list_batches(t, after, limit).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().map(|b| b.id);
+        ids.extend(page.into_iter().map(|b| b.id));
+    }
+    ids
+}
+
 /// Creates a batch and waits until it finished.
 async fn finished(
     engine: &Engine,
@@ -843,16 +863,7 @@ fn archived_batches_are_found_through_the_index_and_the_index_rebuilds() {
             ids.push(finished(&engine, t, &batch_req(k), &capped).await);
         }
         assert_eq!(engine.batch_directory_entries().0, 2);
-        let mut paged = Vec::new();
-        let mut after = None;
-        for _ in 0..10 {
-            let page = engine.list_batches(t, after, 3).await.unwrap();
-            if page.is_empty() {
-                break;
-            }
-            after = page.last().map(|b| b.id);
-            paged.extend(page.into_iter().map(|b| b.id));
-        }
+        let paged = list_all(&engine, t, 3, 10).await;
         assert_eq!(paged, ids, "every batch once, in creation order");
         // Repeats of archived and in-memory creations return their batch; a changed
         // request under an archived request id is refused.
@@ -946,16 +957,7 @@ fn a_snapshot_archiving_several_chunks_keeps_totals_and_request_ids() {
         assert_eq!(engine.batch_directory_entries(), (0, 0, 0));
         assert_eq!(engine.batch_archive_stats().0, BATCHES as u64);
         assert_eq!(engine.item_counts().await.unwrap(), before);
-        let mut listed = Vec::new();
-        let mut after = None;
-        for _ in 0..BATCHES {
-            let page = engine.list_batches(t, after, 100).await.unwrap();
-            if page.is_empty() {
-                break;
-            }
-            after = page.last().map(|b| b.id);
-            listed.extend(page.into_iter().map(|b| b.id));
-        }
+        let listed = list_all(&engine, t, 100, BATCHES).await;
         assert_eq!(listed, ids, "every batch once, in creation order");
         for (k, id) in ids.iter().enumerate().step_by(37) {
             let again = engine.create_batch(t, &batch_req(k), &PRO).await.unwrap();

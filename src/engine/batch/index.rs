@@ -83,6 +83,15 @@ pub(crate) struct Totals {
 }
 
 impl Totals {
+    /// Counts one more archived batch with its items (the index's commit and the
+    /// directory's chunks use this one rule).
+    pub(crate) fn add_batch(&mut self, counts: &Counts) {
+        self.archived += 1;
+        for (t, x) in self.items.iter_mut().zip(count_fields(counts)) {
+            *t = t.saturating_add(x);
+        }
+    }
+
     /// The item counts as the engine reports them.
     pub(crate) fn counts(&self) -> Counts {
         let c = |i: usize| u32::try_from(self.items[i]).unwrap_or(u32::MAX);
@@ -97,7 +106,7 @@ impl Totals {
     }
 }
 
-pub(crate) fn count_fields(c: &Counts) -> [u64; 6] {
+fn count_fields(c: &Counts) -> [u64; 6] {
     [
         c.total.into(),
         c.pending.into(),
@@ -445,10 +454,7 @@ impl ArchiveIndex {
                         .insert((day, k.0), c.saturating_add(s.spec.total()))
                         .map_err(|e| self.db.err(e))?;
                 }
-                totals.archived += 1;
-                for (t, x) in totals.items.iter_mut().zip(count_fields(&s.counts)) {
-                    *t = t.saturating_add(x);
-                }
+                totals.add_batch(&s.counts);
             }
             // Bounded: only today's and yesterday's counters stay.
             let cutoff = (newest_day.saturating_sub(1), 0u128);

@@ -1387,15 +1387,7 @@ impl Engine {
                     .expect("finished batches stay until archived");
                 assert!(Arc::ptr_eq(&gone.state, s), "archived once");
                 sub_counts(&mut d.finished_counts, &s.counts);
-                d.archived.archived += 1;
-                for (t, x) in d
-                    .archived
-                    .items
-                    .iter_mut()
-                    .zip(index::count_fields(&s.counts))
-                {
-                    *t += x;
-                }
+                d.archived.add_batch(&s.counts);
                 d.by_tenant.remove(&(s.tenant, s.id));
                 if let Some(r) = &s.spec.request_id {
                     d.requests.remove(&(s.tenant, r.clone()));
