@@ -826,3 +826,23 @@ fn config_errors_stop_startup_naming_the_key() {
         r.assert_problem(413, "payload_too_large");
     });
 }
+
+#[test]
+fn a_second_server_on_the_same_data_directory_refuses_to_start() {
+    let server = Server::start(&[]);
+    let api = server.api();
+    let (t, key) = rt().block_on(api.funded("pro", 500));
+    // The second process would otherwise repair (truncate) the log the first one is
+    // writing: it waits a bounded time for the directory's lock, then exits with a reason.
+    let mut second = Server::new_in(&server.dir, &[], &[]);
+    let log = second.spawn().expect_err("a second server must not start");
+    assert!(log.contains("is in use"), "{log}");
+    assert!(log.contains("LOCK"), "{log}");
+    // The first one is untouched: still serving, its acknowledged writes intact.
+    rt().block_on(async {
+        api.top_up(&t, 25, "after-second").await;
+        let w = api.get(&key, "/v1/wallet").await;
+        assert_eq!(w.status, 200, "{}", w.text);
+        assert_eq!(w.body["available"], 525, "{}", w.text);
+    });
+}

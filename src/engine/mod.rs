@@ -11,6 +11,7 @@
 
 pub mod accounts;
 pub mod batch;
+pub mod dir_lock;
 pub mod events;
 pub(crate) mod framing;
 pub mod idempotency;
@@ -166,6 +167,9 @@ pub enum EngineError {
     /// The batch archive could not be opened, read or written.
     #[error(transparent)]
     Archive(#[from] crate::engine::batch::archive::ArchiveError),
+    /// Another engine holds the data directory.
+    #[error(transparent)]
+    Locked(#[from] dir_lock::DirLockError),
 }
 
 /// What startup found.
@@ -258,6 +262,10 @@ struct Inner {
     outbox: Arc<Outbox>,
     /// The access log (appended and applied under this lock: LSN order).
     access: Mutex<AccessLog>,
+    /// The data directory's lock, released once the log and the indexes are closed and
+    /// the actors stopped: at the end of `shutdown`, or (last field, so dropped last)
+    /// after `Drop`'s body.
+    dir_lock: Mutex<Option<dir_lock::DirLock>>,
 }
 
 /// The engine handle; clones share it.
@@ -332,6 +340,8 @@ fn open_archive(
 impl Engine {
     /// Recovers the data directory and starts the actors.
     pub fn open(cfg: EngineConfig) -> Result<(Engine, Recovery), EngineError> {
+        // Before anything in the directory is read or repaired (see `dir_lock`).
+        let dir_lock = dir_lock::DirLock::acquire(&cfg.data_dir, dir_lock::LOCK_WAIT_MS_MAX)?;
         let wal_dir = crate::wal_dir(&cfg.data_dir);
         let snap_dir = crate::snapshot_dir(&cfg.data_dir);
         let lookup = wal::latest_snapshot(&snap_dir, cfg.snapshot_bytes_max)?;
@@ -437,6 +447,7 @@ impl Engine {
             outbox,
             access: Mutex::new(access),
             cfg,
+            dir_lock: Mutex::new(Some(dir_lock)),
         });
         let engine = Engine { inner };
         {
@@ -1242,6 +1253,8 @@ impl Engine {
         if let Some(rt) = i.workers.lock().expect("not poisoned").take() {
             rt.shutdown_background();
         }
+        // Everything that writes to the directory is closed: another engine may open it.
+        drop(i.dir_lock.lock().expect("not poisoned").take());
         snap?;
         closed?;
         Ok(())
