@@ -39,6 +39,8 @@ pub mod webhooks;
 /// from 5 % to 13 % of the request threads' profile and request latency crept up with them.
 /// mimalloc keeps small sizes in per-thread pages and returns freed memory to the system
 /// on its own, so no trimming step is needed after a snapshot.
+/// The `system-allocator` feature turns it off for heap profilers (see Cargo.toml).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

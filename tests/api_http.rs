@@ -284,6 +284,21 @@ fn core_flow_over_http() {
         ] {
             assert!(m.text.contains(name), "metrics lack {name}:\n{}", m.text);
         }
+        // The three on-disk indexes' page caches: present, and within their bounds.
+        for index in ["archive", "responses", "operations"] {
+            let line = format!("reelbatch_index_cache_bytes{{index=\"{index}\"}} ");
+            let bytes: u64 = m
+                .text
+                .lines()
+                .find_map(|l| l.strip_prefix(&line))
+                .unwrap_or_else(|| panic!("metrics lack {line}:\n{}", m.text))
+                .parse()
+                .unwrap();
+            assert!(bytes <= 32 << 20, "{index}: {bytes}");
+            assert!(m.text.contains(&format!(
+                "reelbatch_index_cache_evictions_total{{index=\"{index}\"}} "
+            )));
+        }
     });
 }
 

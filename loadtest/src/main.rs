@@ -15,6 +15,7 @@
 //! `soak.rs` (windows and the trend), `chart.rs` (PNG charts).
 
 mod chart;
+mod funding;
 mod mix;
 mod open_loop;
 mod plan;
@@ -116,6 +117,12 @@ struct TargetArgs {
     /// Seed of the op and tenant choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// How tenants are funded: `fixed` (a billion credits each, one-credit top-ups, so
+    /// every top-up adds a grant that is never drawn) or `steady` (2,000 credits each,
+    /// every top-up adds back what the tenant's creations were charged since the last
+    /// one: constant live money state, for soaks). See `funding.rs`.
+    #[arg(long, value_enum, default_value_t = funding::Funding::Fixed)]
+    funding: funding::Funding,
 }
 
 /// A provisioned target, ready for load.
@@ -131,6 +138,9 @@ pub(crate) struct Ready {
     pub(crate) spawned: Option<target::Spawned>,
     pub(crate) inflight_max: usize,
     pub(crate) seed: u64,
+    pub(crate) funding: funding::Funding,
+    /// Charges and top-ups over every run of this invocation.
+    pub(crate) books: Arc<funding::Books>,
 }
 
 const TENANTS_MAX: usize = 100_000;
@@ -181,7 +191,15 @@ async fn prepare(t: &TargetArgs) -> Result<Ready, String> {
         "loadtest: provisioning {} {} tenants at {base} …",
         t.tenants, t.plan
     );
-    let tenants = provision::provision(&http, &base, &admin, &t.plan, t.tenants).await?;
+    let tenants = provision::provision(
+        &http,
+        &base,
+        &admin,
+        &t.plan,
+        t.tenants,
+        t.funding.initial_credits(),
+    )
+    .await?;
     let rss_after = pid.and_then(target::rss_bytes);
     eprintln!(
         "loadtest: {} tenants ready in {:.1} s",
@@ -203,6 +221,8 @@ async fn prepare(t: &TargetArgs) -> Result<Ready, String> {
         spawned,
         inflight_max: t.inflight_max,
         seed: t.seed,
+        funding: t.funding,
+        books: Arc::default(),
     })
 }
 
@@ -233,6 +253,8 @@ pub(crate) async fn measured(
         requests_max,
         inflight_max: r.inflight_max,
         seed: r.seed ^ rate.to_bits(),
+        funding: r.funding,
+        books: Arc::clone(&r.books),
     };
     let s = open_loop::run(
         &r.http,
@@ -319,6 +341,7 @@ async fn cmd_run(
             "wal_bytes": cost.wal_bytes,
             "rss_per_tenant_bytes": r.rss_per_tenant_bytes,
         });
+        v["funding"] = r.books.json(r.funding);
         std::fs::write(&path, format!("{v:#}\n"))
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }

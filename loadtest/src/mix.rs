@@ -21,7 +21,8 @@ pub enum Op {
     Ledger,
     /// `GET /v1/videos/{id}/content` (the whole body).
     Download,
-    /// `POST /admin/v1/tenants/{id}/top-ups` (1 credit, a fresh key): a durable write.
+    /// `POST /admin/v1/tenants/{id}/top-ups` (a fresh key; the amount depends on the
+    /// funding mode, `funding.rs`): a durable write.
     TopUp,
 }
 
@@ -144,6 +145,7 @@ impl Mix {
 }
 
 /// The request for `op` on `tenant`; `n` makes idempotency keys unique within `run`.
+#[allow(clippy::too_many_arguments)]
 pub fn request(
     http: &reqwest::Client,
     base: &str,
@@ -152,6 +154,7 @@ pub fn request(
     tenant: &Tenant,
     run: &str,
     n: u64,
+    topup_credits: u64,
 ) -> reqwest::RequestBuilder {
     let key = &tenant.key;
     match op {
@@ -182,7 +185,7 @@ pub fn request(
             .post(format!("{base}/admin/v1/tenants/{}/top-ups", tenant.id))
             .bearer_auth(admin)
             .header("idempotency-key", format!("lt-{run}-{n}"))
-            .json(&json!({"amount": 1, "kind": "paid"})),
+            .json(&json!({"amount": topup_credits, "kind": "paid"})),
     }
 }
 

@@ -8,10 +8,12 @@
 //! `inflight_max` requests in flight (when reached, sending waits, and the wait shows in
 //! the latency).
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::mix::{request, Mix};
+use crate::funding::{Books, Funding};
+use crate::mix::{request, Mix, Op};
 use crate::provision::Tenant;
 use crate::report::{Recorder, Summary};
 
@@ -33,6 +35,10 @@ pub struct RunConfig {
     pub inflight_max: usize,
     /// Seed of the op and tenant choices.
     pub seed: u64,
+    /// How top-ups are sized.
+    pub funding: Funding,
+    /// Charges and top-ups so far (shared by every run of one `loadtest` invocation).
+    pub books: Arc<Books>,
 }
 
 /// xorshift64*: op and tenant choices, reproducible from the seed.
@@ -83,22 +89,54 @@ pub async fn run(
         };
         let op = mix.pick(next(&mut seed));
         let tenant = &tenants[(next(&mut seed) % tenants.len() as u64) as usize];
-        let rb = request(http, base, admin, op, tenant, run_id, i);
+        // Steady funding: this top-up adds back what the tenant's creations were charged
+        // since its last one (at least 1 credit: a top-up is always a real write).
+        let steady = cfg.funding == Funding::Steady;
+        let owed_taken = if steady && op == Op::TopUp {
+            tenant.owed.swap(0, Ordering::Relaxed)
+        } else {
+            0
+        };
+        let topup_credits = owed_taken.max(1);
+        let rb = request(http, base, admin, op, tenant, run_id, i, topup_credits);
         let rec = Arc::clone(&rec);
+        let owed = Arc::clone(&tenant.owed);
+        let books = Arc::clone(&cfg.books);
         sent += 1;
         tokio::spawn(async move {
             let at = Instant::now();
+            let mut ok = false;
             let outcome = match rb.send().await {
                 Ok(r) => {
                     let status = r.status();
                     // The answer is read to its end: a download is measured whole.
                     match r.bytes().await {
-                        Ok(_) => status.as_str().to_owned(),
+                        Ok(body) => {
+                            ok = status.is_success();
+                            if ok && steady && op == Op::Create {
+                                let total = serde_json::from_slice::<serde_json::Value>(&body)
+                                    .ok()
+                                    .and_then(|v| v["total"].as_u64())
+                                    .unwrap_or(0);
+                                owed.fetch_add(total, Ordering::Relaxed);
+                                books.charged.fetch_add(total, Ordering::Relaxed);
+                            }
+                            status.as_str().to_owned()
+                        }
                         Err(e) => outcome_of(&e).to_owned(),
                     }
                 }
                 Err(e) => outcome_of(&e).to_owned(),
             };
+            if op == Op::TopUp {
+                if ok {
+                    books.topped_up.fetch_add(topup_credits, Ordering::Relaxed);
+                } else {
+                    // Not acknowledged (it may still land: then the tenant is over-funded
+                    // by it, which is harmless): owed again, so the next top-up carries it.
+                    owed.fetch_add(owed_taken, Ordering::Relaxed);
+                }
+            }
             let end = Instant::now();
             rec.lock().expect("not poisoned").record(
                 op,

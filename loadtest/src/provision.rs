@@ -1,6 +1,7 @@
 //! Provisioning through the admin API: tenants on a plan, one key each, credits, and a
 //! small seed batch whose batch, items and first video the read ops use.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,10 +18,10 @@ pub struct Tenant {
     pub batch: String,
     /// A video of the seed batch.
     pub video: String,
+    /// Credits its creations were charged since its last top-up (steady funding sizes
+    /// the next top-up with it; see `funding.rs`). Shared by the run's request tasks.
+    pub owed: Arc<AtomicU64>,
 }
-
-/// Credits each tenant gets: enough for hours of `create` at any rate this machine holds.
-pub const CREDITS: u64 = 1_000_000_000;
 /// Requests in flight while provisioning.
 const CONCURRENCY: usize = 64;
 /// Items of the seed batch (retries and three chances make a video near certain).
@@ -44,6 +45,7 @@ async fn one(
     admin: String,
     plan: String,
     i: usize,
+    credits: u64,
 ) -> Result<(String, String, String), String> {
     let t = call(
         http.post(format!("{base}/admin/v1/tenants"))
@@ -65,7 +67,7 @@ async fn one(
         http.post(format!("{base}/admin/v1/tenants/{id}/top-ups"))
             .bearer_auth(&admin)
             .header("idempotency-key", format!("load-fund-{id}"))
-            .json(&json!({"amount": CREDITS, "kind": "paid"})),
+            .json(&json!({"amount": credits, "kind": "paid"})),
         "top up",
     )
     .await?;
@@ -117,7 +119,7 @@ async fn video_of(
     }
 }
 
-/// Provisions `n` tenants on `plan`. Tenants whose seed made no video are dropped (with
+/// Provisions `n` tenants on `plan`, each with `credits`. Tenants whose seed made no video are dropped (with
 /// a note on stderr); fewer than half left is an error.
 pub async fn provision(
     http: &reqwest::Client,
@@ -125,6 +127,7 @@ pub async fn provision(
     admin: &str,
     plan: &str,
     n: usize,
+    credits: u64,
 ) -> Result<Vec<Tenant>, String> {
     let sem = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
     let mut handles = Vec::with_capacity(n);
@@ -140,7 +143,7 @@ pub async fn provision(
             plan.to_owned(),
         );
         handles.push(tokio::spawn(async move {
-            let r = one(http, base, admin, plan, i).await;
+            let r = one(http, base, admin, plan, i, credits).await;
             drop(permit);
             r
         }));
@@ -172,6 +175,7 @@ pub async fn provision(
                 key,
                 batch,
                 video,
+                owed: Arc::default(),
             }),
             Err(e) => eprintln!("loadtest: tenant {id} left out: {e}"),
         }

@@ -99,10 +99,11 @@ pub(crate) async fn soak(r: Ready, a: SoakArgs) -> Result<(), String> {
     let windows_n = (duration_s / window_s).max(1);
     let run = run_id();
     println!(
-        "soak: {:.0} req/s for {windows_n} windows of {window_s} s, {} tenants, mix {}",
+        "soak: {:.0} req/s for {windows_n} windows of {window_s} s, {} tenants, mix {}, funding {}",
         a.rate,
         r.tenants.len(),
-        r.mix.describe()
+        r.mix.describe(),
+        r.funding.name()
     );
     println!(
         "{:>8} {:>10} {:>8} {:>8} {:>8} {:>9} {:>9} {:>7} {:>6} {:>9} {:>9} {:>8} {:>9} {:>9}",
@@ -237,6 +238,7 @@ pub(crate) async fn soak(r: Ready, a: SoakArgs) -> Result<(), String> {
             "answered": answered, "errors": errors,
             "p99_ms": {"min": p99_min, "median": p99_median, "max": p99_max},
             "rss_mib_per_hour": rss_slope_mib_per_hour,
+            "funding": r.books.json(r.funding),
         });
         std::fs::write(&path, format!("{v:#}\n"))
             .map_err(|e| format!("{}: {e}", path.display()))?;

@@ -153,3 +153,34 @@ fn a_soak_reports_every_window_and_the_trend() {
     assert!(v["rss_mib_per_hour"].is_number(), "{v:#}");
     assert!(text.contains("trend"), "{text}");
 }
+
+#[test]
+fn steady_funding_tops_up_what_the_creations_were_charged() {
+    let (text, v) = loadtest_json(
+        "run",
+        &[
+            "--tenants",
+            "4",
+            "--rate",
+            "100",
+            "--duration-s",
+            "3",
+            "--mix",
+            "create=1,topup=1",
+            "--funding",
+            "steady",
+        ],
+    );
+    assert_eq!(v["all"]["errors"], 0, "{v:#}\n{text}");
+    let f = &v["funding"];
+    assert_eq!(f["mode"], "steady", "{v:#}");
+    let charged = f["charged_credits"].as_u64().unwrap();
+    let topped = f["topped_up_credits"].as_u64().unwrap();
+    let topups = v["ops"]["topup"]["count"].as_u64().unwrap();
+    // About 150 creations at a two-item price: real charges, and top-ups that returned
+    // them. What is still owed is at most the creations answered after each tenant's last
+    // top-up; a top-up with nothing owed adds 1 credit.
+    assert!(charged >= 1_000, "{v:#}");
+    assert!(topped <= charged + topups, "{v:#}");
+    assert!(topped * 10 >= charged * 7, "{v:#}");
+}

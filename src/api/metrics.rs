@@ -274,6 +274,21 @@ impl Metrics {
             "Tenants with a wallet.",
             e.tenants().len() as f64,
         );
+        let caches = e.index_cache_stats();
+        o.push_str("# HELP reelbatch_index_cache_bytes Resident bytes of each on-disk index's page cache (bounded).\n# TYPE reelbatch_index_cache_bytes gauge\n");
+        for (index, bytes, _) in &caches {
+            let _ = writeln!(
+                o,
+                "reelbatch_index_cache_bytes{{index=\"{index}\"}} {bytes}"
+            );
+        }
+        o.push_str("# HELP reelbatch_index_cache_evictions_total Pages evicted from each on-disk index's page cache.\n# TYPE reelbatch_index_cache_evictions_total counter\n");
+        for (index, _, evictions) in &caches {
+            let _ = writeln!(
+                o,
+                "reelbatch_index_cache_evictions_total{{index=\"{index}\"}} {evictions}"
+            );
+        }
         if let Ok(c) = e.item_counts().await {
             o.push_str("# HELP reelbatch_items Items by state.\n# TYPE reelbatch_items gauge\n");
             for (state, n) in [

@@ -1261,6 +1261,27 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// The on-disk indexes' page caches: (index name, resident bytes, evictions so far),
+    /// for those open. Each cache is bounded (16–32 MiB), so after warm-up resident
+    /// memory should stop moving with them.
+    pub fn index_cache_stats(&self) -> Vec<(&'static str, usize, u64)> {
+        let i = &self.inner;
+        let mut out = Vec::with_capacity(3);
+        if let Some((b, e)) = i.batches.get().and_then(|c| c.index.cache_stats()) {
+            out.push(("archive", b, e));
+        }
+        let responses = i.responses.lock().ok().and_then(|r| r.files());
+        if let Some((b, e)) = responses.and_then(|(_, idx)| idx.cache_stats()) {
+            out.push(("responses", b, e));
+        }
+        if let Some((b, e)) = i.wallet_shared.ops.cache_stats() {
+            out.push(("operations", b, e));
+        }
+        out
+    }
+}
+
 impl Inner {
     /// Closes the on-disk indexes: requests still in flight get `Unavailable`, and a new
     /// engine in this process can open the same directory (redb locks an open file).

@@ -92,6 +92,11 @@ impl ResponseIndex {
         self.db.close();
     }
 
+    /// See `Db::cache_stats`.
+    pub(crate) fn cache_stats(&self) -> Option<(usize, u64)> {
+        self.db.cache_stats()
+    }
+
     /// Marks the index complete after a rebuild from the segments.
     pub(crate) fn mark_complete(&self) -> Result<(), ArchiveError> {
         self.db.write_format(FORMAT)

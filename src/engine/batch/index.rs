@@ -275,6 +275,15 @@ impl Db {
     pub(crate) fn close(&self) {
         drop(self.db.write().expect("not poisoned").take());
     }
+
+    /// The page cache's resident bytes and its evictions so far (metrics: the cache is
+    /// bounded, so these show whether resident memory is the cache still filling).
+    /// `None` once closed.
+    pub(crate) fn cache_stats(&self) -> Option<(usize, u64)> {
+        let guard = self.db.read().expect("not poisoned");
+        let s = guard.as_ref()?.cache_stats();
+        Some((s.used_bytes(), s.evictions()))
+    }
 }
 
 /// Opens (or creates) a derived-index database with a page cache of `cache_bytes`; the
@@ -374,6 +383,11 @@ impl ArchiveIndex {
     /// Closes the file (engine shutdown); later calls fail.
     pub(crate) fn close(&self) {
         self.db.close();
+    }
+
+    /// See `Db::cache_stats`.
+    pub(crate) fn cache_stats(&self) -> Option<(usize, u64)> {
+        self.db.cache_stats()
     }
 
     /// What the index covers now.

@@ -120,6 +120,11 @@ impl OpIndex {
         self.db.close();
     }
 
+    /// See `Db::cache_stats`.
+    pub(crate) fn cache_stats(&self) -> Option<(usize, u64)> {
+        self.db.cache_stats()
+    }
+
     /// Adds operations (a key already present gets the same entry again: a page filed
     /// twice after a crash holds the same entries) and commits durably.
     pub(crate) fn add(&self, rows: &[(TenantId, String, OpRow)]) -> Result<(), ArchiveError> {
