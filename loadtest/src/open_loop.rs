@@ -106,11 +106,16 @@ pub async fn run(
         tokio::spawn(async move {
             let at = Instant::now();
             let mut ok = false;
+            // Stamped as soon as the answer is whole (or failed), before the run's own
+            // bookkeeping below, so that parsing a creation's body is not server latency.
+            let end: Instant;
             let outcome = match rb.send().await {
                 Ok(r) => {
                     let status = r.status();
                     // The answer is read to its end: a download is measured whole.
-                    match r.bytes().await {
+                    let read = r.bytes().await;
+                    end = Instant::now();
+                    match read {
                         Ok(body) => {
                             ok = status.is_success();
                             if ok && steady && op == Op::Create {
@@ -126,7 +131,10 @@ pub async fn run(
                         Err(e) => outcome_of(&e).to_owned(),
                     }
                 }
-                Err(e) => outcome_of(&e).to_owned(),
+                Err(e) => {
+                    end = Instant::now();
+                    outcome_of(&e).to_owned()
+                }
             };
             if op == Op::TopUp {
                 if ok {
@@ -137,7 +145,6 @@ pub async fn run(
                     owed.fetch_add(owed_taken, Ordering::Relaxed);
                 }
             }
-            let end = Instant::now();
             rec.lock().expect("not poisoned").record(
                 op,
                 end.duration_since(due).as_micros() as u64,

@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Beside a soak: what the server's memory is made of, minute by minute.
+
+    python3 loadtest/tools/sample_server.py record samples.jsonl   # until interrupted
+    python3 loadtest/tools/sample_server.py show samples.jsonl
+
+`record` finds the running `reelbatch` process and every 60 s appends one JSON line:
+/proc status (RSS split into anonymous and file pages, high-water mark, threads), threads
+counted by name (runtime pools growing show here), every file of the data directory over
+1 MiB (the on-disk indexes grow by doubling), and the /metrics gauges (index page caches,
+batches in memory, idempotency keys). Read-only: it sends only GET /metrics.
+"""
+import json, os, re, subprocess, sys, time, urllib.request, glob, collections
+
+def pid():
+    r = subprocess.run(['pgrep', '-x', 'reelbatch'], capture_output=True, text=True).stdout.split()
+    return int(r[0]) if r else None
+
+def port(p):
+    r = subprocess.run(['ss', '-ltnpH'], capture_output=True, text=True).stdout
+    for line in r.splitlines():
+        if f'pid={p},' in line:
+            return line.split()[3].rsplit(':', 1)[1]
+
+def status(p):
+    d = {}
+    for line in open(f'/proc/{p}/status'):
+        k, v = line.split(':', 1)
+        if k in ('VmRSS', 'RssAnon', 'RssFile', 'RssShmem', 'VmHWM', 'Threads', 'VmData'):
+            d[k] = int(v.split()[0])
+    return d
+
+def threads(p):
+    c = collections.Counter(); cpu = collections.Counter()
+    for t in glob.glob(f'/proc/{p}/task/*'):
+        try:
+            s = open(t + '/stat').read()
+        except OSError:
+            continue
+        name = s[s.index('(') + 1:s.rindex(')')]
+        f = s[s.rindex(')') + 2:].split()
+        name = re.sub(r'\d+$', '#', name)
+        c[name] += 1; cpu[name] += int(f[11]) + int(f[12])
+    return {k: [c[k], cpu[k]] for k in c}
+
+def datadir(p):
+    cmd = open(f'/proc/{p}/cmdline').read().split('\0')
+    d = cmd[cmd.index('--data-dir') + 1]
+    sizes = {}
+    for root, _, files in os.walk(d):
+        for f in files:
+            fp = os.path.join(root, f)
+            try:
+                sizes[os.path.relpath(fp, d)] = os.path.getsize(fp)
+            except OSError:
+                pass
+    return sizes
+
+def metrics(pt):
+    body = urllib.request.urlopen(f'http://127.0.0.1:{pt}/metrics', timeout=5).read().decode()
+    m = {}
+    for line in body.splitlines():
+        if line.startswith('#') or '_bucket{' in line:
+            continue
+        k, _, v = line.rpartition(' ')
+        try:
+            m[k] = float(v)
+        except ValueError:
+            pass
+    return m
+
+
+def record(path):
+    """Appends one sample a minute to `path` while a `reelbatch` process runs."""
+    out = open(path, 'a')
+    t0 = time.time()
+    while True:
+        p = pid()
+        if p:
+            try:
+                s = {'t': round(time.time() - t0), 'pid': p, 'status': status(p), 'threads': threads(p)}
+                sizes = datadir(p)
+                s['files_total'] = sum(sizes.values())
+                s['files_n'] = len(sizes)
+                s['files_big'] = {k: v for k, v in sizes.items() if v > 1 << 20}
+                pt = port(p)
+                if pt:
+                    s['metrics'] = metrics(pt)
+            except Exception as e:  # the process ended mid-sample: note it, go on
+                s = {'t': round(time.time() - t0), 'err': repr(e)}
+            out.write(json.dumps(s) + '\n')
+            out.flush()
+        time.sleep(60)
+
+
+INDEXES = ('archive/index.redb', 'archive/responses.redb', 'archive/ops.redb')
+QUIET = ('reelbatch', 'wal-writer', 'wal-completer', 'store-syncfs', 'actix-system', 'engine-snapshot')
+
+
+def show(path):
+    """One line per sample: memory, caches, batches in memory, index file sizes, pools."""
+    for line in open(path):
+        s = json.loads(line)
+        if 'err' in s:
+            print(s)
+            continue
+        st, m = s['status'], s.get('metrics', {})
+        cache = sum(v for k, v in m.items() if k.startswith('reelbatch_index_cache_bytes'))
+        redb = '/'.join(str(s['files_big'].get(k, 0) >> 20) for k in INDEXES)
+        pools = ' '.join(f"{k}={v[0]}" for k, v in s['threads'].items() if k not in QUIET)
+        print(f"{s['t'] // 60:3d}m rss={st['VmRSS'] / 1024:6.1f} anon={st['RssAnon'] / 1024:6.1f} "
+              f"hwm={st['VmHWM'] / 1024:6.1f} cache={cache / 2**20:5.1f} "
+              f"batches={int(m.get('reelbatch_batch_directory_batches', 0)):5d} redb_MiB={redb} "
+              f"files={s['files_total'] / 2**20:7.1f}MiB threads={st['Threads']} {pools}")
+
+
+if __name__ == '__main__':
+    if len(sys.argv) != 3 or sys.argv[1] not in ('record', 'show'):
+        sys.exit(__doc__)
+    (record if sys.argv[1] == 'record' else show)(sys.argv[2])
