@@ -105,36 +105,32 @@ pub async fn run(
         sent += 1;
         tokio::spawn(async move {
             let at = Instant::now();
-            let mut ok = false;
-            // Stamped as soon as the answer is whole (or failed), before the run's own
-            // bookkeeping below, so that parsing a creation's body is not server latency.
-            let end: Instant;
-            let outcome = match rb.send().await {
+            // The answer is read to its end (a download is measured whole) and stamped
+            // then, before the run's own bookkeeping, so that parsing a creation's body
+            // is not server latency.
+            let answer = match rb.send().await {
                 Ok(r) => {
                     let status = r.status();
-                    // The answer is read to its end: a download is measured whole.
-                    let read = r.bytes().await;
-                    end = Instant::now();
-                    match read {
-                        Ok(body) => {
-                            ok = status.is_success();
-                            if ok && steady && op == Op::Create {
-                                let total = serde_json::from_slice::<serde_json::Value>(&body)
-                                    .ok()
-                                    .and_then(|v| v["total"].as_u64())
-                                    .unwrap_or(0);
-                                owed.fetch_add(total, Ordering::Relaxed);
-                                books.charged.fetch_add(total, Ordering::Relaxed);
-                            }
-                            status.as_str().to_owned()
-                        }
-                        Err(e) => outcome_of(&e).to_owned(),
+                    r.bytes().await.map(|body| (status, body))
+                }
+                Err(e) => Err(e),
+            };
+            let end = Instant::now();
+            let mut ok = false;
+            let outcome = match answer {
+                Ok((status, body)) => {
+                    ok = status.is_success();
+                    if ok && steady && op == Op::Create {
+                        let total = serde_json::from_slice::<serde_json::Value>(&body)
+                            .ok()
+                            .and_then(|v| v["total"].as_u64())
+                            .unwrap_or(0);
+                        owed.fetch_add(total, Ordering::Relaxed);
+                        books.charged.fetch_add(total, Ordering::Relaxed);
                     }
+                    status.as_str().to_owned()
                 }
-                Err(e) => {
-                    end = Instant::now();
-                    outcome_of(&e).to_owned()
-                }
+                Err(e) => outcome_of(&e).to_owned(),
             };
             if op == Op::TopUp {
                 if ok {
