@@ -16,6 +16,7 @@
 //! - `delivery/`       the video store (`object_store`)
 //! - `webhooks/`       endpoints, the outbox derived from the log, signing, SSRF guard,
 //!   the delivery loop
+//! - `heap.rs`         the global allocator, wrapped to count live heap bytes (metrics)
 //! - `ids.rs`          prefixed sortable ids (`ten_…`, `bat_…`, `vid_…`, `itm_…`)
 //! - `money.rs`        checked credit arithmetic
 //! - `wal` (crate)     the write-ahead log every acknowledged write goes through
@@ -28,6 +29,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod engine;
+pub mod heap;
 pub mod ids;
 pub mod money;
 pub mod providers;
@@ -40,9 +42,13 @@ pub mod webhooks;
 /// mimalloc keeps small sizes in per-thread pages and returns freed memory to the system
 /// on its own, so no trimming step is needed after a snapshot.
 /// The `system-allocator` feature turns it off for heap profilers (see Cargo.toml).
+/// Either way it is wrapped to count live heap bytes (`heap`).
 #[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: heap::Counted<mimalloc::MiMalloc> = heap::Counted(mimalloc::MiMalloc);
+#[cfg(feature = "system-allocator")]
+#[global_allocator]
+static ALLOCATOR: heap::Counted<std::alloc::System> = heap::Counted(std::alloc::System);
 
 /// Threads of each tokio runtime's blocking pool (file reads and writes of the video store).
 /// Bounded so that a slow disk queues work instead of growing hundreds of threads.

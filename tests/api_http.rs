@@ -299,6 +299,16 @@ fn core_flow_over_http() {
                 "reelbatch_index_cache_evictions_total{{index=\"{index}\"}} "
             )));
         }
+        // The live heap: counted by the server's allocator, so a running server holds some
+        // (its tables, caches and buffers) and far less than the machine.
+        let heap: f64 = m
+            .text
+            .lines()
+            .find_map(|l| l.strip_prefix("reelbatch_heap_live_bytes "))
+            .unwrap_or_else(|| panic!("metrics lack the live heap:\n{}", m.text))
+            .parse()
+            .unwrap();
+        assert!((1e5..4e9).contains(&heap), "live heap {heap} bytes");
     });
 }
 

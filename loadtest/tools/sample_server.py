@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Beside a soak: what the server's memory is made of, minute by minute.
 
-    python3 loadtest/tools/sample_server.py record samples.jsonl   # until interrupted
+    python3 loadtest/tools/sample_server.py record samples.jsonl [interval_s]  # until interrupted
     python3 loadtest/tools/sample_server.py show samples.jsonl
 
-`record` finds the running `reelbatch` process and every 60 s appends one JSON line:
+`record` finds the running `reelbatch` process and every `interval_s` (default 60; use a
+few seconds to see between snapshots, whose temporaries lift RSS for a while) appends one
+JSON line:
 /proc status (RSS split into anonymous and file pages, high-water mark, threads), threads
 counted by name (runtime pools growing show here), every file of the data directory over
 1 MiB (the on-disk indexes grow by doubling), and the /metrics gauges (index page caches,
-batches in memory, idempotency keys). Read-only: it sends only GET /metrics.
+batches in memory, idempotency keys, the live heap). Read-only: it sends only GET /metrics.
 """
 import json, os, re, subprocess, sys, time, urllib.request, glob, collections
 
@@ -70,16 +72,23 @@ def metrics(pt):
     return m
 
 
-def record(path):
-    """Appends one sample a minute to `path` while a `reelbatch` process runs."""
+WALK_S = 60
+
+
+def record(path, interval_s=60):
+    """Appends one sample every `interval_s` to `path` while a `reelbatch` process runs."""
     out = open(path, 'a')
     t0 = time.time()
+    # The data directory holds a file per video (close to a million in an hour's soak):
+    # walking it takes seconds, so it is walked at most every WALK_S and reused between.
+    walked_at, sizes = None, {}
     while True:
         p = pid()
         if p:
             try:
                 s = {'t': round(time.time() - t0), 'pid': p, 'status': status(p), 'threads': threads(p)}
-                sizes = datadir(p)
+                if walked_at is None or time.time() - walked_at >= WALK_S:
+                    sizes, walked_at = datadir(p), time.time()
                 s['files_total'] = sum(sizes.values())
                 s['files_n'] = len(sizes)
                 s['files_big'] = {k: v for k, v in sizes.items() if v > 1 << 20}
@@ -90,7 +99,7 @@ def record(path):
                 s = {'t': round(time.time() - t0), 'err': repr(e)}
             out.write(json.dumps(s) + '\n')
             out.flush()
-        time.sleep(60)
+        time.sleep(interval_s)
 
 
 INDEXES = ('archive/index.redb', 'archive/responses.redb', 'archive/ops.redb')
@@ -98,7 +107,7 @@ QUIET = ('reelbatch', 'wal-writer', 'wal-completer', 'store-syncfs', 'actix-syst
 
 
 def show(path):
-    """One line per sample: memory, caches, batches in memory, index file sizes, pools."""
+    """One line per sample: memory (resident, live heap), caches, batches in memory, index file sizes, pools."""
     for line in open(path):
         s = json.loads(line)
         if 'err' in s:
@@ -108,13 +117,18 @@ def show(path):
         cache = sum(v for k, v in m.items() if k.startswith('reelbatch_index_cache_bytes'))
         redb = '/'.join(str(s['files_big'].get(k, 0) >> 20) for k in INDEXES)
         pools = ' '.join(f"{k}={v[0]}" for k, v in s['threads'].items() if k not in QUIET)
-        print(f"{s['t'] // 60:3d}m rss={st['VmRSS'] / 1024:6.1f} anon={st['RssAnon'] / 1024:6.1f} "
-              f"hwm={st['VmHWM'] / 1024:6.1f} cache={cache / 2**20:5.1f} "
+        print(f"{s['t'] // 60:3d}m{s['t'] % 60:02d}s rss={st['VmRSS'] / 1024:6.1f} anon={st['RssAnon'] / 1024:6.1f} "
+              f"hwm={st['VmHWM'] / 1024:6.1f} heap={m.get('reelbatch_heap_live_bytes', 0) / 2**20:6.1f} "
+              f"cache={cache / 2**20:5.1f} usage={int(m.get('reelbatch_usage_buckets', 0))} "
+              f"access={int(m.get('reelbatch_access_log_entries', 0))} "
               f"batches={int(m.get('reelbatch_batch_directory_batches', 0)):5d} redb_MiB={redb} "
               f"files={s['files_total'] / 2**20:7.1f}MiB threads={st['Threads']} {pools}")
 
 
 if __name__ == '__main__':
-    if len(sys.argv) != 3 or sys.argv[1] not in ('record', 'show'):
+    if len(sys.argv) not in (3, 4) or sys.argv[1] not in ('record', 'show'):
         sys.exit(__doc__)
-    (record if sys.argv[1] == 'record' else show)(sys.argv[2])
+    if sys.argv[1] == 'record':
+        record(sys.argv[2], float(sys.argv[3]) if len(sys.argv) == 4 else 60)
+    else:
+        show(sys.argv[2])

@@ -269,6 +269,24 @@ impl Metrics {
             st.limiters.keys_tracked() as f64,
         );
         gauge(
+            "reelbatch_usage_buckets",
+            "gauge",
+            "Per-key usage buckets held (minutes, hours and days over all keys).",
+            st.usage.buckets() as f64,
+        );
+        gauge(
+            "reelbatch_access_log_entries",
+            "gauge",
+            "Access-log entries in memory (bounded).",
+            e.access_log_entries() as f64,
+        );
+        gauge(
+            "reelbatch_heap_live_bytes",
+            "gauge",
+            "Heap bytes allocated and not yet freed (resident memory less this is allocator reserve, stacks and file pages).",
+            crate::heap::live_bytes() as f64,
+        );
+        gauge(
             "reelbatch_tenants",
             "gauge",
             "Tenants with a wallet.",

@@ -216,6 +216,20 @@ impl Usage {
         })
     }
 
+    /// Buckets held, over every key and granularity (metrics: usage memory is this times
+    /// a bucket's size, up to `MINUTES_KEPT + HOURS_KEPT + DAYS_KEPT` per key).
+    pub fn buckets(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                let m = s.lock().expect("not poisoned");
+                m.values()
+                    .map(|u| u.minutes.len() + u.hours.len() + u.days.len())
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
     /// Top tenants (by requests) and routes over the last `window_ms` (hour buckets).
     pub fn top(&self, now_ms: u64, window_ms: u64, limit: usize) -> Value {
         let since = (now_ms.saturating_sub(window_ms)) / 3_600_000 * 3_600_000;

@@ -952,6 +952,11 @@ impl Engine {
         Ok(())
     }
 
+    /// Access-log entries in memory (metrics; bounded by `access_log_max`).
+    pub fn access_log_entries(&self) -> usize {
+        self.inner.access.lock().expect("not poisoned").len()
+    }
+
     /// Access-log entries, newest first, below `before`.
     pub fn access_page(
         &self,
