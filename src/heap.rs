@@ -1,5 +1,6 @@
 //! Live heap bytes: the global allocator, wrapped to count what is allocated and not yet
-//! freed (`/metrics`: `reelbatch_heap_live_bytes`).
+//! freed (`/metrics`: `reelbatch_heap_live_bytes`); and transparent huge pages turned
+//! off for the server (`disable_transparent_huge_pages`: why is there).
 //!
 //! Why: resident memory (RSS) mixes the live heap with what the allocator keeps for
 //! reuse, fragmentation, thread stacks and file pages. A soak that sees RSS creep cannot
@@ -134,9 +135,39 @@ pub fn live_bytes() -> u64 {
     u64::try_from(sum).unwrap_or(0)
 }
 
+/// Turns transparent huge pages off for this process (and any process it starts).
+///
+/// Why: mimalloc advises huge pages on its arenas (`MADV_HUGEPAGE`) and gives freed memory
+/// back to the system in pieces as small as 64 KiB. The kernel's `khugepaged` then folds
+/// such partly given-back 2 MiB ranges into whole huge pages again: by default it
+/// collapses a range with a single 4 KiB page still in use (`max_ptes_none` = 511), and
+/// the rest comes back as resident zeros. Over a long run resident memory climbs away from
+/// the live heap in steps, as the scanner works through the arenas (BENCHMARKS.md, Soak,
+/// fifth sitting). Called once, before the server's threads start.
+#[cfg(target_os = "linux")]
+pub fn disable_transparent_huge_pages() -> std::io::Result<()> {
+    // SAFETY: `PR_SET_THP_DISABLE` takes plain integers and touches no memory of ours.
+    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Elsewhere there is no `khugepaged` to undo the allocator's returns: nothing to do.
+#[cfg(not(target_os = "linux"))]
+pub fn disable_transparent_huge_pages() -> std::io::Result<()> {
+    Ok(())
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Held by tests that measure the live heap or allocate hundreds of MiB, so that no
+    /// two of them run at once (the unit tests share one process and one count).
+    pub(crate) static BIG_ALLOCATIONS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     /// Through the real global allocator (this crate's binaries and tests use `Counted`):
     /// a large block held shows up in the count, and leaves it when freed. Other test
@@ -144,6 +175,7 @@ mod tests {
     /// below the block's size.
     #[test]
     fn a_held_block_is_counted_and_its_free_uncounted() {
+        let _alone = BIG_ALLOCATIONS.lock().unwrap_or_else(|p| p.into_inner());
         const BLOCK_BYTES: usize = 128 << 20;
         let before = live_bytes();
         let block = vec![1u8; BLOCK_BYTES];

@@ -16,7 +16,8 @@
 //! - `delivery/`       the video store (`object_store`)
 //! - `webhooks/`       endpoints, the outbox derived from the log, signing, SSRF guard,
 //!   the delivery loop
-//! - `heap.rs`         the global allocator, wrapped to count live heap bytes (metrics)
+//! - `heap.rs`         the global allocator, wrapped to count live heap bytes (metrics);
+//!   transparent huge pages off for the server
 //! - `ids.rs`          prefixed sortable ids (`ten_…`, `bat_…`, `vid_…`, `itm_…`)
 //! - `money.rs`        checked credit arithmetic
 //! - `wal` (crate)     the write-ahead log every acknowledged write goes through

@@ -171,6 +171,10 @@ fn serve(data_dir: Option<PathBuf>, listen: Option<String>, config: Option<PathB
         }
     };
     init_logs(&cfg);
+    // Before the runtimes and actors allocate their arenas' worth (see the function).
+    if let Err(e) = reelbatch::heap::disable_transparent_huge_pages() {
+        tracing::warn!(error = %e, "transparent huge pages stay on: resident memory may creep above the live heap");
+    }
     let data_dir = data_dir.unwrap_or_else(|| PathBuf::from(&cfg.data_dir));
     let listen = listen.unwrap_or_else(|| cfg.listen.clone());
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -309,6 +309,18 @@ fn core_flow_over_http() {
             .parse()
             .unwrap();
         assert!((1e5..4e9).contains(&heap), "live heap {heap} bytes");
+        // The server runs without transparent huge pages (`heap::disable_transparent_huge_pages`):
+        // the kernel says so for the process itself.
+        let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+        let thp = status
+            .lines()
+            .find_map(|l| l.strip_prefix("THP_enabled:"))
+            .unwrap_or_else(|| panic!("this kernel reports no THP_enabled:\n{status}"));
+        assert_eq!(
+            thp.trim(),
+            "0",
+            "transparent huge pages are on for the server"
+        );
     });
 }
 

@@ -7,7 +7,8 @@
 `record` finds the running `reelbatch` process and every `interval_s` (default 60; use a
 few seconds to see between snapshots, whose temporaries lift RSS for a while) appends one
 JSON line:
-/proc status (RSS split into anonymous and file pages, high-water mark, threads), threads
+/proc status (RSS split into anonymous and file pages, high-water mark, threads, anonymous
+transparent huge pages), threads
 counted by name (runtime pools growing show here), every file of the data directory over
 1 MiB (the on-disk indexes grow by doubling), and the /metrics gauges (index page caches,
 batches in memory, idempotency keys, the live heap). Read-only: it sends only GET /metrics.
@@ -30,6 +31,10 @@ def status(p):
         k, v = line.split(':', 1)
         if k in ('VmRSS', 'RssAnon', 'RssFile', 'RssShmem', 'VmHWM', 'Threads', 'VmData'):
             d[k] = int(v.split()[0])
+    # Transparent huge pages: a 2 MiB page is resident whole however little of it is used.
+    for line in open(f'/proc/{p}/smaps_rollup'):
+        if line.startswith('AnonHugePages:'):
+            d['AnonHugePages'] = int(line.split()[1])
     return d
 
 def threads(p):
@@ -118,7 +123,7 @@ def show(path):
         redb = '/'.join(str(s['files_big'].get(k, 0) >> 20) for k in INDEXES)
         pools = ' '.join(f"{k}={v[0]}" for k, v in s['threads'].items() if k not in QUIET)
         print(f"{s['t'] // 60:3d}m{s['t'] % 60:02d}s rss={st['VmRSS'] / 1024:6.1f} anon={st['RssAnon'] / 1024:6.1f} "
-              f"hwm={st['VmHWM'] / 1024:6.1f} heap={m.get('reelbatch_heap_live_bytes', 0) / 2**20:6.1f} "
+              f"hwm={st['VmHWM'] / 1024:6.1f} thp={st.get('AnonHugePages', 0) / 1024:5.1f} heap={m.get('reelbatch_heap_live_bytes', 0) / 2**20:6.1f} "
               f"cache={cache / 2**20:5.1f} usage={int(m.get('reelbatch_usage_buckets', 0))} "
               f"access={int(m.get('reelbatch_access_log_entries', 0))} "
               f"batches={int(m.get('reelbatch_batch_directory_batches', 0)):5d} redb_MiB={redb} "

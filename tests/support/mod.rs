@@ -187,6 +187,11 @@ impl Server {
     pub fn api(&self) -> Api {
         Api::new(&self.base)
     }
+
+    /// The running process's id (to read its `/proc` entries).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
 }
 
 impl Drop for Server {
