@@ -9,6 +9,8 @@
 //! across cores). The two run alternately, three rounds each, so drift in a noisy
 //! host lands on both. Prints ns per free + allocate and the ratio counted / plain.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout};
 use std::time::{Duration, Instant};
 
@@ -21,11 +23,7 @@ const RING_BLOCKS: usize = 64;
 const SIZES: [usize; 8] = [16, 24, 48, 64, 128, 256, 1024, 4096];
 
 fn secs() -> Duration {
-    let s: f64 = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2.0);
-    Duration::from_secs_f64(s)
+    common::bench_secs(2.0)
 }
 
 /// Steps of free + allocate per second on one thread, for `secs()`.

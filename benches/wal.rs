@@ -35,11 +35,7 @@ struct Result {
 }
 
 fn secs() -> Duration {
-    let s: f64 = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3.0);
-    Duration::from_secs_f64(s)
+    common::bench_secs(3.0)
 }
 
 fn hist() -> Histogram<u64> {

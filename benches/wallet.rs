@@ -32,12 +32,7 @@ use reelbatch::ids::{BatchId, TenantId};
 const CALLERS: usize = 256;
 
 fn secs() -> Duration {
-    Duration::from_secs_f64(
-        std::env::var("BENCH_SECS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(3.0),
-    )
+    common::bench_secs(3.0)
 }
 
 fn rss_bytes() -> u64 {

@@ -162,12 +162,8 @@ pub fn disable_transparent_huge_pages() -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-
-    /// Held by tests that measure the live heap or allocate hundreds of MiB, so that no
-    /// two of them run at once (the unit tests share one process and one count).
-    pub(crate) static BIG_ALLOCATIONS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     /// Through the real global allocator (this crate's binaries and tests use `Counted`):
     /// a large block held shows up in the count, and leaves it when freed. Other test
@@ -175,7 +171,6 @@ pub(crate) mod tests {
     /// below the block's size.
     #[test]
     fn a_held_block_is_counted_and_its_free_uncounted() {
-        let _alone = BIG_ALLOCATIONS.lock().unwrap_or_else(|p| p.into_inner());
         const BLOCK_BYTES: usize = 128 << 20;
         let before = live_bytes();
         let block = vec![1u8; BLOCK_BYTES];

@@ -2,6 +2,17 @@
 #![allow(dead_code)] // each bench uses its own subset
 
 use std::path::PathBuf;
+use std::time::Duration;
+
+/// How long one measurement runs: env `BENCH_SECS` (seconds, fractions allowed), else
+/// `default_s`, the bench's own choice.
+pub fn bench_secs(default_s: f64) -> Duration {
+    let s: f64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default_s);
+    Duration::from_secs_f64(s)
+}
 
 /// A fresh scratch directory on the disk under test: `BENCH_DIR` (default
 /// `target/bench-scratch`), kept after the run so its files can be inspected.
