@@ -93,29 +93,28 @@ impl Bucket {
 
     fn json(&self, key: KeyId) -> Value {
         // Minute buckets carry no detail: `by_route` and `latency_ms` are null there.
-        let routes = self.detail.as_ref().map(|d| {
-            let mut by_name: Vec<&(&'static str, [u64; 5])> = d.by_route.iter().collect();
-            by_name.sort_by_key(|(r, _)| *r);
-            let mut routes = serde_json::Map::new();
-            for (r, c) in by_name {
-                routes.insert((*r).to_owned(), class_json(c));
-            }
-            routes
-        });
-        let latency = self
-            .detail
-            .as_ref()
-            .map(|d| &d.latency_us)
-            .filter(|h| !h.is_empty())
-            .map(|h| {
+        let (routes, latency) = match &self.detail {
+            None => (None, None),
+            Some(d) => {
+                let mut by_name: Vec<&(&'static str, [u64; 5])> = d.by_route.iter().collect();
+                by_name.sort_by_key(|(r, _)| *r);
+                let routes: serde_json::Map<String, Value> = by_name
+                    .into_iter()
+                    .map(|(r, c)| ((*r).to_owned(), class_json(c)))
+                    .collect();
+                let h = &d.latency_us;
                 let ms = |us: u64| us as f64 / 1000.0;
-                json!({
-                    "p50": ms(h.value_at_quantile(0.5)),
-                    "p90": ms(h.value_at_quantile(0.9)),
-                    "p99": ms(h.value_at_quantile(0.99)),
-                    "max": ms(h.max()),
-                })
-            });
+                let latency = (!h.is_empty()).then(|| {
+                    json!({
+                        "p50": ms(h.value_at_quantile(0.5)),
+                        "p90": ms(h.value_at_quantile(0.9)),
+                        "p99": ms(h.value_at_quantile(0.99)),
+                        "max": ms(h.max()),
+                    })
+                });
+                (Some(routes), latency)
+            }
+        };
         json!({
             "key_id": key.to_string(),
             "start": rfc3339(self.start_ms),
