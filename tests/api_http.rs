@@ -284,8 +284,15 @@ fn core_flow_over_http() {
         ] {
             assert!(m.text.contains(name), "metrics lack {name}:\n{}", m.text);
         }
-        // The three on-disk indexes' page caches: present, and within their bounds.
-        for index in ["archive", "responses", "operations"] {
+        // The response index: a gauge of its runs and of its memory.
+        assert!(
+            m.text.contains("reelbatch_response_index_runs "),
+            "{}",
+            m.text
+        );
+        assert!(m.text.contains("reelbatch_response_index_memory_bytes "));
+        // The two B-tree indexes' page caches: present, and within their bounds.
+        for index in ["archive", "operations"] {
             let line = format!("reelbatch_index_cache_bytes{{index=\"{index}\"}} ");
             let bytes: u64 = m
                 .text

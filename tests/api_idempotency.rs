@@ -199,11 +199,17 @@ fn replay_after_kill9_and_restart() {
     // The final snapshot filed both responses in a segment: the image lists only where
     // they are. After a kill -9 (no snapshot, nothing in the log for them) they are read
     // back from that file.
-    let segments: Vec<_> = std::fs::read_dir(server.dir.join("archive").join("responses"))
+    let files: Vec<String> = std::fs::read_dir(server.dir.join("archive").join("responses"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert_eq!(segments.len(), 1, "{segments:?}");
+    let segments = files.iter().filter(|f| f.len() == 10).count();
+    let runs = files.iter().filter(|f| f.starts_with("run-")).count();
+    assert_eq!(
+        (segments, runs),
+        (1, 1),
+        "a segment and its index run: {files:?}"
+    );
     server.kill9();
     server.spawn().expect("restarts after a kill -9");
     rt.block_on(async {

@@ -107,12 +107,12 @@ def record(path, interval_s=60):
         time.sleep(interval_s)
 
 
-INDEXES = ('archive/index.redb', 'archive/responses.redb', 'archive/ops.redb')
+INDEXES = ('archive/index.redb', 'archive/ops.redb')
 QUIET = ('reelbatch', 'wal-writer', 'wal-completer', 'store-syncfs', 'actix-system', 'engine-snapshot')
 
 
 def show(path):
-    """One line per sample: memory (resident, live heap), caches, batches in memory, index file sizes, pools."""
+    """One line per sample: memory (resident, live heap), caches, response index (runs, memory), batches in memory, index file sizes, pools."""
     for line in open(path):
         s = json.loads(line)
         if 'err' in s:
@@ -124,7 +124,9 @@ def show(path):
         pools = ' '.join(f"{k}={v[0]}" for k, v in s['threads'].items() if k not in QUIET)
         print(f"{s['t'] // 60:3d}m{s['t'] % 60:02d}s rss={st['VmRSS'] / 1024:6.1f} anon={st['RssAnon'] / 1024:6.1f} "
               f"hwm={st['VmHWM'] / 1024:6.1f} thp={st.get('AnonHugePages', 0) / 1024:5.1f} heap={m.get('reelbatch_heap_live_bytes', 0) / 2**20:6.1f} "
-              f"cache={cache / 2**20:5.1f} usage={int(m.get('reelbatch_usage_buckets', 0))} "
+              f"cache={cache / 2**20:5.1f} runs={int(m.get('reelbatch_response_index_runs', 0))} "
+              f"rix={m.get('reelbatch_response_index_memory_bytes', 0) / 2**20:4.1f} "
+              f"usage={int(m.get('reelbatch_usage_buckets', 0))} "
               f"access={int(m.get('reelbatch_access_log_entries', 0))} "
               f"batches={int(m.get('reelbatch_batch_directory_batches', 0)):5d} redb_MiB={redb} "
               f"files={s['files_total'] / 2**20:7.1f}MiB threads={st['Threads']} {pools}")

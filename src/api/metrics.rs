@@ -262,6 +262,19 @@ impl Metrics {
             "Idempotency keys remembered.",
             e.idempotency_keys() as f64,
         );
+        let (runs, index_bytes) = e.response_index_stats();
+        gauge(
+            "reelbatch_response_index_runs",
+            "gauge",
+            "Runs (sorted files) in the stored-response index: about log2 of its rows below the merge cap, plus one per capped run.",
+            runs as f64,
+        );
+        gauge(
+            "reelbatch_response_index_memory_bytes",
+            "gauge",
+            "Memory the stored-response index holds: its runs' filters and block keys (about 1.7 bytes per filed response).",
+            index_bytes as f64,
+        );
         gauge(
             "reelbatch_ratelimit_keys",
             "gauge",

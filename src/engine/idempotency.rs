@@ -268,50 +268,38 @@ impl ResponseStore {
         self.dead = segments;
     }
 
-    /// Attaches the segments folder and the response index at open. A fresh or unusable
-    /// index is rebuilt from every segment present; otherwise segments the index does not
-    /// name (written by a snapshot that crashed before indexing them: the log still holds
-    /// their records) are deleted, and a named one that is missing refuses to open.
-    /// Records replay brought back into memory that the index already has are dropped.
-    pub(crate) fn attach(&mut self, data_dir: &Path) -> Result<(), ArchiveError> {
+    /// Attaches the segments folder and the response index at open. Segments no run covers
+    /// (written by a snapshot that crashed before indexing them, or whose run was damaged)
+    /// are indexed from their files; a segment a run holds unexpired records of (as of
+    /// `now_ms`) that is missing refuses to open. Records replay brought back into memory
+    /// that the index already has are dropped.
+    pub(crate) fn attach(&mut self, data_dir: &Path, now_ms: u64) -> Result<(), ArchiveError> {
         let dir = crate::engine::response_files::responses_dir(data_dir);
         let present = crate::engine::response_files::open_dir(data_dir)?;
-        let (index, usable) = ResponseIndex::open(data_dir)?;
-        if usable {
-            let named: HashMap<u32, u64> = index.segments()?.into_iter().collect();
-            let orphans: Vec<u32> = present
-                .iter()
-                .copied()
-                .filter(|s| !named.contains_key(s))
-                .collect();
-            if !orphans.is_empty() {
-                tracing::warn!(segments = ?orphans, "stored responses: segments the index does not name deleted");
-            }
-            crate::engine::response_files::delete(&dir, &orphans)?;
-            for (&s, &n) in &named {
-                if n > 0 && !crate::engine::response_files::exists(&dir, s) {
-                    return Err(ArchiveError::Corrupt {
-                        path: dir.join(format!("{s:010}")),
-                        offset: 0,
-                        reason: "a segment the response index references is missing".into(),
-                    });
-                }
-            }
-        } else {
-            // Oldest first, so a key stored again later ends with its newest record.
-            for &s in &present {
-                let records: Vec<(u128, FiledRef)> =
-                    crate::engine::response_files::read_segment(&dir, s)?
-                        .into_iter()
-                        .map(|(f, r)| (key_id(r.scope, &r.key), f))
-                        .collect();
-                index.add(&[s], &records)?;
-            }
-            // Only now: a rebuild cut short starts again at the next open (and deletes
-            // nothing as an orphan meanwhile).
-            index.mark_complete()?;
+        let index = ResponseIndex::open(data_dir, &present)?;
+        let uncovered = index.uncovered(&present);
+        if !uncovered.is_empty() {
+            tracing::info!(segments = ?uncovered, "stored responses: indexing segments no run covers");
         }
-        let segments = index.segments()?;
+        // Ascending, so each goes in its place by number.
+        for &s in &uncovered {
+            let records: Vec<(u128, FiledRef)> =
+                crate::engine::response_files::read_segment(&dir, s)?
+                    .into_iter()
+                    .map(|(f, r)| (key_id(r.scope, &r.key), f))
+                    .collect();
+            index.add(s, &records)?;
+        }
+        let cutoff_ms = now_ms.saturating_sub(self.retention_ms);
+        for &s in index.live_segments(cutoff_ms).keys() {
+            if present.binary_search(&s).is_err() {
+                return Err(ArchiveError::Corrupt {
+                    path: dir.join(format!("{s:010}")),
+                    offset: 0,
+                    reason: "a segment the response index references is missing".into(),
+                });
+            }
+        }
         let mut filed_already = Vec::new();
         for (id, slot) in &self.slots {
             if let Slot::Done(r) = slot {
@@ -324,18 +312,19 @@ impl ResponseStore {
             }
         }
         let newest = present
-            .iter()
+            .last()
             .copied()
-            .chain(segments.iter().map(|(s, _)| *s))
-            .max()
+            .max(index.last_segment())
             .unwrap_or(0);
         self.next_segment = self
             .next_segment
             .max(newest.checked_add(1).expect("segment numbers last"));
-        self.dead = segments
+        // Segments whose records all expired: deleted at the next snapshot.
+        let live = index.live_segments(cutoff_ms);
+        self.dead = present
             .iter()
-            .filter(|(_, n)| *n == 0)
-            .map(|(s, _)| *s)
+            .copied()
+            .filter(|s| !live.contains_key(s))
             .collect();
         self.index = Some(Arc::new(index));
         self.dir = Some(dir);
@@ -423,6 +412,12 @@ impl crate::engine::Engine {
         }
     }
 
+    /// The response index's runs and the memory its filters and block keys hold (metrics).
+    pub fn response_index_stats(&self) -> (usize, usize) {
+        let files = self.inner.responses.lock().expect("not poisoned").files();
+        files.map_or((0, 0), |(_, ix)| (ix.run_count(), ix.memory_bytes()))
+    }
+
     /// Idempotency keys remembered (metrics).
     pub fn idempotency_keys(&self) -> usize {
         self.inner.responses.lock().expect("not poisoned").len()
@@ -478,7 +473,7 @@ mod tests {
             .zip(&refs)
             .map(|(r, f)| (key_id(r.scope, &r.key), *f))
             .collect();
-        index.add(&[segment], &rows).unwrap();
+        index.add(segment, &rows).unwrap();
         s.forget_filed(&due);
         (segment, refs)
     }
@@ -504,7 +499,7 @@ mod tests {
     fn filed_responses_are_read_back_and_their_segments_retire() {
         let data = tempfile::tempdir().unwrap();
         let mut s = ResponseStore::new(1000, 100);
-        s.attach(data.path()).unwrap();
+        s.attach(data.path(), 0).unwrap();
         s.insert(rec("a", 1, 10), 10);
         s.insert(rec("b", 2, 20), 20);
         let (segment, refs) = file(&mut s);
@@ -526,7 +521,7 @@ mod tests {
         // A restart: the log replays a record the snapshot already filed; attach drops it.
         let mut r = ResponseStore::new(1000, 100);
         r.insert(rec("b", 2, 20), 40);
-        r.attach(data.path()).unwrap();
+        r.attach(data.path(), 40).unwrap();
         assert!(r.due_for_filing().is_none(), "not filed twice");
         assert!(filed_place(&mut r, "b", 2, 40).is_some());
         // Past retention: the rows go, the segment empties, waits a snapshot, is deleted.
@@ -537,39 +532,84 @@ mod tests {
         r.abandon(1, "a");
         crate::engine::response_files::delete(&dir, &empty).unwrap();
         assert_eq!(index.expire(1021 - 1000, &empty).unwrap(), (0, vec![]));
-        assert!(index.segments().unwrap().is_empty());
+        assert_eq!(index.run_count(), 0, "the expired run is gone");
         assert!(!crate::engine::response_files::exists(&dir, segment));
         assert_eq!(r.len(), 0);
 
-        // A segment the index does not name (a snapshot crashed before indexing it) goes
-        // at open.
+        // A segment no run covers (a snapshot crashed between writing it and its run) is
+        // indexed at open.
         let due = vec![Arc::new(rec("z", 3, 1500))];
         crate::engine::response_files::write_segment(&dir, 9, &due).unwrap();
         r.insert(rec("c", 4, 1500), 1500);
         let (kept, _) = file(&mut r);
+        assert!(kept < 9);
         drop((r, index));
         let mut fresh = ResponseStore::new(1000, 100);
-        fresh.attach(data.path()).unwrap();
-        assert!(!crate::engine::response_files::exists(&dir, 9));
-        assert!(crate::engine::response_files::exists(&dir, kept));
+        fresh.attach(data.path(), 1600).unwrap();
+        assert_eq!(fresh.len(), 2);
+        let z = filed_place(&mut fresh, "z", 3, 1600).expect("the uncovered segment is indexed");
+        assert_eq!(z.segment, 9);
+        assert!(filed_place(&mut fresh, "c", 4, 1600).is_some());
+        assert_eq!(
+            fresh.next_segment, 10,
+            "new segments go above every one present"
+        );
         drop(fresh);
 
-        // The index deleted: rebuilt from the segments present.
-        let index_file = crate::engine::response_index::response_index_path(data.path());
-        std::fs::remove_file(&index_file).unwrap();
+        // The runs deleted, and a stray temporary one: rebuilt from the segments present.
+        let runs: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("run-"))
+            .collect();
+        assert_eq!(runs.len(), 2, "one run per segment filed");
+        for p in &runs {
+            std::fs::remove_file(p).unwrap();
+        }
+        std::fs::write(dir.join("run-0000000001-0000000009.tmp"), b"partial").unwrap();
         let mut rebuilt = ResponseStore::new(1000, 100);
-        rebuilt.attach(data.path()).unwrap();
-        assert_eq!(rebuilt.len(), 1);
+        rebuilt.attach(data.path(), 1600).unwrap();
+        assert_eq!(rebuilt.len(), 2);
         let c = filed_place(&mut rebuilt, "c", 4, 1600).expect("found after the rebuild");
         assert_eq!(
             crate::engine::response_files::read(&dir, &c).unwrap(),
             rec("c", 4, 1500)
         );
+        assert!(!dir.join("run-0000000001-0000000009.tmp").exists());
         drop(rebuilt);
 
-        // A segment the index names with live records, missing: refuses to open.
+        // A damaged run is deleted and rebuilt from its segment.
+        let run = run_files(&dir).into_iter().next().unwrap();
+        let mut bytes = std::fs::read(&run).unwrap();
+        bytes[4096 + 20] ^= 0xff;
+        std::fs::write(&run, &bytes).unwrap();
+        let mut mended = ResponseStore::new(1000, 100);
+        mended.attach(data.path(), 1600).unwrap();
+        assert!(filed_place(&mut mended, "c", 4, 1600).is_some());
+        assert!(filed_place(&mut mended, "z", 3, 1600).is_some());
+        assert_eq!(
+            std::fs::read(&run).unwrap().len(),
+            2 * 4096,
+            "rewritten whole"
+        );
+        drop(mended);
+
+        // A segment a run holds live records of, missing: refuses to open.
         std::fs::remove_file(dir.join(format!("{kept:010}"))).unwrap();
         let mut broken = ResponseStore::new(1000, 100);
-        assert!(broken.attach(data.path()).is_err());
+        assert!(broken.attach(data.path(), 1600).is_err());
+        // Once those records are past retention, the missing file is no longer needed.
+        let mut later = ResponseStore::new(1000, 100);
+        later.attach(data.path(), 2600).unwrap();
+    }
+
+    fn run_files(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("run-"))
+            .collect();
+        v.sort();
+        v
     }
 }

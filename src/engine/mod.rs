@@ -18,8 +18,11 @@ pub mod idempotency;
 pub mod journal;
 pub mod rebuild;
 pub mod reconcile;
-pub(crate) mod response_files;
-pub(crate) mod response_index;
+// Public for `benches/response_index.rs` only: nothing outside the engine files responses.
+#[doc(hidden)]
+pub mod response_files;
+#[doc(hidden)]
+pub mod response_index;
 pub mod scheduler;
 pub mod snapshot;
 pub mod wallet;
@@ -379,7 +382,7 @@ impl Engine {
             ..
         } = rebuilt;
         let mut responses = responses;
-        responses.attach(&cfg.data_dir)?;
+        responses.attach(&cfg.data_dir, cfg.clock.now_ms())?;
 
         // Holds of batches still running: which items' money the wallet already has.
         let holds: HashMap<crate::ids::BatchId, wallet::state::Hold> = batches
@@ -1083,7 +1086,7 @@ impl Engine {
                     .zip(refs)
                     .map(|(r, f)| (crate::engine::idempotency::key_id(r.scope, &r.key), f))
                     .collect();
-                index.add(&[segment], &rows)
+                index.add(segment, &rows)
             });
             (records, written)
         })
@@ -1272,13 +1275,9 @@ impl Engine {
     /// memory should stop moving with them.
     pub fn index_cache_stats(&self) -> Vec<(&'static str, usize, u64)> {
         let i = &self.inner;
-        let mut out = Vec::with_capacity(3);
+        let mut out = Vec::with_capacity(2);
         if let Some((b, e)) = i.batches.get().and_then(|c| c.index.cache_stats()) {
             out.push(("archive", b, e));
-        }
-        let responses = i.responses.lock().ok().and_then(|r| r.files());
-        if let Some((b, e)) = responses.and_then(|(_, idx)| idx.cache_stats()) {
-            out.push(("responses", b, e));
         }
         if let Some((b, e)) = i.wallet_shared.ops.cache_stats() {
             out.push(("operations", b, e));

@@ -166,6 +166,7 @@ pub(crate) fn read(dir: &Path, r: &FiledRef) -> Result<StoredResponse, ArchiveEr
 }
 
 /// Whether segment `segment` exists.
+#[cfg(test)]
 pub(crate) fn exists(dir: &Path, segment: u32) -> bool {
     segment_path(dir, segment).is_file()
 }

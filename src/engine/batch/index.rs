@@ -133,7 +133,7 @@ pub fn index_path(data_dir: &Path) -> PathBuf {
 /// A derived-index database that can be closed while shared: `Engine::shutdown` closes it,
 /// so the same process can open the data directory again (redb locks the file while it is
 /// open). A transaction holds the read side of the lock, so closing waits for every one in
-/// flight; after it, every transaction fails. Shared by the three derived indexes.
+/// flight; after it, every transaction fails. Shared by the two B-tree indexes.
 pub(crate) struct Db {
     /// `None` once closed.
     db: std::sync::RwLock<Option<Database>>,
