@@ -55,6 +55,13 @@ static ALLOCATOR: heap::Counted<std::alloc::System> = heap::Counted(std::alloc::
 /// Bounded so that a slow disk queues work instead of growing hundreds of threads.
 pub const BLOCKING_THREADS_MAX: usize = 64;
 
+/// How long an idle blocking-pool thread lives (tokio's default is 10 s). Work that
+/// comes every minute (each snapshot's file writes) otherwise got a new thread each time,
+/// and a thread that exits leaves its allocator pages that still hold live blocks (index
+/// filters, cache pages made on it) abandoned and resident with the free space around
+/// them. Kept threads reuse their pages; the pools stay bounded by `BLOCKING_THREADS_MAX`.
+pub const BLOCKING_THREAD_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(3600);
+
 use std::path::{Path, PathBuf};
 
 /// Lower-case hex of bytes (hashes in exports, ids and fingerprints in the CLI).

@@ -183,6 +183,7 @@ fn serve(data_dir: Option<PathBuf>, listen: Option<String>, config: Option<PathB
         // Downloads read files on the blocking pool; tokio's default of 512 threads turned a
         // disk stall into hundreds of threads in the soak. Past this, reads queue.
         .max_blocking_threads(reelbatch::BLOCKING_THREADS_MAX)
+        .thread_keep_alive(reelbatch::BLOCKING_THREAD_KEEP_ALIVE)
         .build()
     {
         Ok(rt) => rt,

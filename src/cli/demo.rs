@@ -45,6 +45,8 @@ const DEADLINE: Duration = Duration::from_secs(120);
 /// A webhook request the local receiver got.
 #[derive(Debug, Clone)]
 struct Received {
+    /// Method and path: printed for a request that does not verify (diagnosis).
+    target: String,
     id: String,
     timestamp: String,
     signature: String,
@@ -84,7 +86,10 @@ async fn receiver() -> Result<(String, Arc<Mutex<Vec<Received>>>), String> {
     let got: Arc<Mutex<Vec<Received>>> = Arc::default();
     let g = Arc::clone(&got);
     let app = axum::Router::new().fallback(
-        move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+        move |method: axum::http::Method,
+              uri: axum::http::Uri,
+              headers: axum::http::HeaderMap,
+              body: axum::body::Bytes| {
             let g = Arc::clone(&g);
             async move {
                 let h = |n: &str| {
@@ -95,6 +100,7 @@ async fn receiver() -> Result<(String, Arc<Mutex<Vec<Received>>>), String> {
                         .to_owned()
                 };
                 g.lock().expect("not poisoned").push(Received {
+                    target: format!("{method} {uri}"),
                     id: h("webhook-id"),
                     timestamp: h("webhook-timestamp"),
                     signature: h("webhook-signature"),
@@ -364,6 +370,13 @@ async fn demo(keep: bool) -> Result<bool, String> {
         let expected = sign::signature(&secret, &r.id, ts, &r.body).unwrap_or_default();
         if r.signature.split(' ').any(|s| s == expected) {
             verified += 1;
+        } else {
+            // Whatever it was, show it: a failed demo must say what arrived.
+            let body = String::from_utf8_lossy(&r.body[..r.body.len().min(300)]).into_owned();
+            say(&format!(
+                "  NOT VERIFIED    {} id={:?} timestamp={:?} signature={:?} body={body:?}",
+                r.target, r.id, r.timestamp, r.signature
+            ));
         }
         let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
         *by_type

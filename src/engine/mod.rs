@@ -54,6 +54,9 @@ const CAPTURE_CHUNK_WALLETS: usize = 16;
 /// Nice value of the snapshot thread (0 is normal; higher yields more).
 #[cfg(target_os = "linux")]
 const SNAPSHOT_THREAD_NICE: libc::c_int = 10;
+/// Blocking threads of the snapshot thread's runtime: its file steps run one after another,
+/// so a few suffice; kept alive between snapshots (`BLOCKING_THREAD_KEEP_ALIVE`).
+const SNAPSHOT_IO_THREADS_MAX: usize = 4;
 
 /// Source of time for decisions (expiry, ledger timestamps). Tests use `ManualClock`.
 pub trait Clock: Send + Sync + 'static {
@@ -403,6 +406,7 @@ impl Engine {
             .thread_name("engine-worker")
             // Video puts write files on the blocking pool: bounded like the HTTP runtime's.
             .max_blocking_threads(crate::BLOCKING_THREADS_MAX)
+            .thread_keep_alive(crate::BLOCKING_THREAD_KEEP_ALIVE)
             .enable_all()
             .build()
             .map_err(|e| EngineError::System(e.to_string()))?;
@@ -563,7 +567,14 @@ impl Engine {
             .spawn(move || {
                 // One small runtime for the thread's life: the snapshot future is
                 // runtime-agnostic, it only needs something to drive it.
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
+                // Its blocking pool does the snapshot's file work (a few steps in turn):
+                // named, small, and kept between snapshots (see the keep-alive's doc).
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .thread_name("engine-snapshot-io")
+                    .max_blocking_threads(SNAPSHOT_IO_THREADS_MAX)
+                    .thread_keep_alive(crate::BLOCKING_THREAD_KEEP_ALIVE)
+                    .build()
+                else {
                     return;
                 };
                 background_priority();
