@@ -291,7 +291,8 @@ impl ResponseStore {
             index.add(s, &records)?;
         }
         let cutoff_ms = now_ms.saturating_sub(self.retention_ms);
-        for &s in index.live_segments(cutoff_ms).keys() {
+        let live = index.live_segments(cutoff_ms);
+        for &s in live.keys() {
             if present.binary_search(&s).is_err() {
                 return Err(ArchiveError::Corrupt {
                     path: dir.join(format!("{s:010}")),
@@ -320,7 +321,6 @@ impl ResponseStore {
             .next_segment
             .max(newest.checked_add(1).expect("segment numbers last"));
         // Segments whose records all expired: deleted at the next snapshot.
-        let live = index.live_segments(cutoff_ms);
         self.dead = present
             .iter()
             .copied()
@@ -557,11 +557,7 @@ mod tests {
         drop(fresh);
 
         // The runs deleted, and a stray temporary one: rebuilt from the segments present.
-        let runs: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("run-"))
-            .collect();
+        let runs = run_files(&dir);
         assert_eq!(runs.len(), 2, "one run per segment filed");
         for p in &runs {
             std::fs::remove_file(p).unwrap();
