@@ -18,6 +18,7 @@
 //!   the delivery loop
 //! - `heap.rs`         the global allocator, wrapped to count live heap bytes (metrics);
 //!   transparent huge pages off for the server
+//! - `runtime.rs`      the tokio runtimes: fixed blocking pools, started at boot, kept
 //! - `ids.rs`          prefixed sortable ids (`ten_…`, `bat_…`, `vid_…`, `itm_…`)
 //! - `money.rs`        checked credit arithmetic
 //! - `wal` (crate)     the write-ahead log every acknowledged write goes through
@@ -34,6 +35,7 @@ pub mod heap;
 pub mod ids;
 pub mod money;
 pub mod providers;
+pub mod runtime;
 pub mod webhooks;
 
 /// The allocator of every binary built on this crate (the server, its tests and benches).
@@ -50,17 +52,6 @@ static ALLOCATOR: heap::Counted<mimalloc::MiMalloc> = heap::Counted(mimalloc::Mi
 #[cfg(feature = "system-allocator")]
 #[global_allocator]
 static ALLOCATOR: heap::Counted<std::alloc::System> = heap::Counted(std::alloc::System);
-
-/// Threads of each tokio runtime's blocking pool (file reads and writes of the video store).
-/// Bounded so that a slow disk queues work instead of growing hundreds of threads.
-pub const BLOCKING_THREADS_MAX: usize = 64;
-
-/// How long an idle blocking-pool thread lives (tokio's default is 10 s). Work that
-/// comes every minute (each snapshot's file writes) otherwise got a new thread each time,
-/// and a thread that exits leaves its allocator pages that still hold live blocks (index
-/// filters, cache pages made on it) abandoned and resident with the free space around
-/// them. Kept threads reuse their pages; the pools stay bounded by `BLOCKING_THREADS_MAX`.
-pub const BLOCKING_THREAD_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 use std::path::{Path, PathBuf};
 

@@ -177,15 +177,13 @@ fn serve(data_dir: Option<PathBuf>, listen: Option<String>, config: Option<PathB
     }
     let data_dir = data_dir.unwrap_or_else(|| PathBuf::from(&cfg.data_dir));
     let listen = listen.unwrap_or_else(|| cfg.listen.clone());
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("http")
-        // Downloads read files on the blocking pool; tokio's default of 512 threads turned a
-        // disk stall into hundreds of threads in the soak. Past this, reads queue.
-        .max_blocking_threads(reelbatch::BLOCKING_THREADS_MAX)
-        .thread_keep_alive(reelbatch::BLOCKING_THREAD_KEEP_ALIVE)
-        .build()
-    {
+    // Archive reads and downloads run on its blocking pool: fixed and started now (see
+    // `runtime`), so a disk stall queues reads instead of adding threads.
+    let rt = match reelbatch::runtime::multi_thread(
+        "http",
+        None,
+        reelbatch::runtime::BLOCKING_THREADS,
+    ) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("reelbatch: cannot start the runtime: {e}");

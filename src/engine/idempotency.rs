@@ -73,6 +73,16 @@ enum Slot {
     Done(Arc<StoredResponse>),
 }
 
+/// The response index's rows for responses and where each was filed: `(key_id, place)`.
+pub(crate) fn index_rows<'a>(
+    filed: impl IntoIterator<Item = (&'a StoredResponse, FiledRef)>,
+) -> Vec<(u128, FiledRef)> {
+    filed
+        .into_iter()
+        .map(|(r, f)| (key_id(r.scope, &r.key), f))
+        .collect()
+}
+
 /// The id a key is stored under: 128 bits of SHA-256 over scope and key. A collision
 /// between two keys is caught where it matters: a stored response read back is checked
 /// against the scope and key asked for.
@@ -283,12 +293,8 @@ impl ResponseStore {
         }
         // Ascending, so each goes in its place by number.
         for &s in &uncovered {
-            let records: Vec<(u128, FiledRef)> =
-                crate::engine::response_files::read_segment(&dir, s)?
-                    .into_iter()
-                    .map(|(f, r)| (key_id(r.scope, &r.key), f))
-                    .collect();
-            index.add(s, &records)?;
+            let segment = crate::engine::response_files::read_segment(&dir, s)?;
+            index.add(s, &index_rows(segment.iter().map(|(f, r)| (r, *f))))?;
         }
         let cutoff_ms = now_ms.saturating_sub(self.retention_ms);
         let live = index.live_segments(cutoff_ms);
@@ -468,11 +474,7 @@ mod tests {
         let (segment, due) = s.due_for_filing().unwrap();
         let (dir, index) = s.files().unwrap();
         let refs = crate::engine::response_files::write_segment(&dir, segment, &due).unwrap();
-        let rows: Vec<(u128, FiledRef)> = due
-            .iter()
-            .zip(&refs)
-            .map(|(r, f)| (key_id(r.scope, &r.key), *f))
-            .collect();
+        let rows = index_rows(due.iter().map(|r| &**r).zip(refs.iter().copied()));
         index.add(segment, &rows).unwrap();
         s.forget_filed(&due);
         (segment, refs)

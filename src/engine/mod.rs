@@ -55,7 +55,7 @@ const CAPTURE_CHUNK_WALLETS: usize = 16;
 #[cfg(target_os = "linux")]
 const SNAPSHOT_THREAD_NICE: libc::c_int = 10;
 /// Blocking threads of the snapshot thread's runtime: its file steps run one after another,
-/// so a few suffice; kept alive between snapshots (`BLOCKING_THREAD_KEEP_ALIVE`).
+/// so a few suffice (started at boot and kept: `runtime`).
 const SNAPSHOT_IO_THREADS_MAX: usize = 4;
 
 /// Source of time for decisions (expiry, ledger timestamps). Tests use `ManualClock`.
@@ -401,15 +401,13 @@ impl Engine {
             &cfg.data_dir,
             cfg.batch.store_fsync,
         )?;
-        let workers = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(cfg.arbiters.max(1))
-            .thread_name("engine-worker")
-            // Video puts write files on the blocking pool: bounded like the HTTP runtime's.
-            .max_blocking_threads(crate::BLOCKING_THREADS_MAX)
-            .thread_keep_alive(crate::BLOCKING_THREAD_KEEP_ALIVE)
-            .enable_all()
-            .build()
-            .map_err(|e| EngineError::System(e.to_string()))?;
+        // Video puts and reads run on its blocking pool: fixed like the HTTP runtime's.
+        let workers = crate::runtime::multi_thread(
+            "engine-worker",
+            Some(cfg.arbiters.max(1)),
+            crate::runtime::BLOCKING_THREADS,
+        )
+        .map_err(|e| EngineError::System(e.to_string()))?;
         let (system, arbiters, system_thread) = start_system(cfg.arbiters.max(1))?;
         let events_appended = Arc::new(AtomicU64::new(0));
         hooks
@@ -569,11 +567,8 @@ impl Engine {
                 // runtime-agnostic, it only needs something to drive it.
                 // Its blocking pool does the snapshot's file work (a few steps in turn):
                 // named, small, and kept between snapshots (see the keep-alive's doc).
-                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                    .thread_name("engine-snapshot-io")
-                    .max_blocking_threads(SNAPSHOT_IO_THREADS_MAX)
-                    .thread_keep_alive(crate::BLOCKING_THREAD_KEEP_ALIVE)
-                    .build()
+                let Ok(rt) =
+                    crate::runtime::current_thread("engine-snapshot-io", SNAPSHOT_IO_THREADS_MAX)
                 else {
                     return;
                 };
@@ -1092,11 +1087,8 @@ impl Engine {
         };
         let (records, written) = tokio::task::spawn_blocking(move || {
             let written = response_files::write_segment(&dir, segment, &records).and_then(|refs| {
-                let rows: Vec<(u128, response_files::FiledRef)> = records
-                    .iter()
-                    .zip(refs)
-                    .map(|(r, f)| (crate::engine::idempotency::key_id(r.scope, &r.key), f))
-                    .collect();
+                let rows =
+                    crate::engine::idempotency::index_rows(records.iter().map(|r| &**r).zip(refs));
                 index.add(segment, &rows)
             });
             (records, written)

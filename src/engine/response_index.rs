@@ -146,6 +146,11 @@ fn block_crc(block: &[u8], count: usize) -> u32 {
     h.finalize()
 }
 
+/// The entries of a block that `check_block` passed with `count` entries, in key order.
+fn block_entries(block: &[u8], count: usize) -> std::slice::ChunksExact<'_, u8> {
+    block[BLOCK_HEAD_BYTES..BLOCK_HEAD_BYTES + count * ENTRY_BYTES].chunks_exact(ENTRY_BYTES)
+}
+
 /// Validates a data block; returns its entry count.
 fn check_block(block: &[u8]) -> Result<usize, String> {
     let count = usize::from(u16::from_le_bytes([block[0], block[1]]));
@@ -205,12 +210,12 @@ impl Run {
         };
         let mut block = [0u8; BLOCK_BYTES];
         let count = self.read_block(b, &mut block)?;
-        let entries = &block[BLOCK_HEAD_BYTES..BLOCK_HEAD_BYTES + count * ENTRY_BYTES];
+        let entries = block_entries(&block, count);
         let (mut lo, mut hi) = (0usize, count);
         // Binary search: bounded by log₂(56) steps.
         while lo < hi {
             let mid = (lo + hi) / 2;
-            let e = &entries[mid * ENTRY_BYTES..(mid + 1) * ENTRY_BYTES];
+            let e = entries.clone().nth(mid).expect("mid < count");
             match entry_key(e).cmp(&id) {
                 std::cmp::Ordering::Equal => return Ok(Some(get_entry(e).1)),
                 std::cmp::Ordering::Less => lo = mid + 1,
@@ -281,9 +286,7 @@ impl Run {
                         "a block before the last is not full".into(),
                     ));
                 }
-                for e in block[BLOCK_HEAD_BYTES..BLOCK_HEAD_BYTES + count * ENTRY_BYTES]
-                    .chunks_exact(ENTRY_BYTES)
-                {
+                for e in block_entries(block, count) {
                     let (id, f) = get_entry(e);
                     if prev.is_some_and(|p| p >= id) {
                         return Err(corrupt(offset, "keys out of order".into()));
@@ -515,11 +518,8 @@ impl<'a> RunReader<'a> {
                     offset: offset + (i * BLOCK_BYTES) as u64,
                     reason,
                 })?;
-                for e in block[BLOCK_HEAD_BYTES..BLOCK_HEAD_BYTES + count * ENTRY_BYTES]
-                    .chunks_exact(ENTRY_BYTES)
-                {
-                    self.pending.push_back(get_entry(e));
-                }
+                self.pending
+                    .extend(block_entries(block, count).map(get_entry));
             }
             self.next_block += n;
         }
