@@ -118,6 +118,18 @@ impl Recorder {
             .record(latency_us, service_us, outcome);
     }
 
+    /// The requests that did not get a 2xx, by op and outcome ("create 402": 3): a soak
+    /// window that counts errors says which, so a report can name their cause.
+    pub fn errors_by_op(&self) -> BTreeMap<String, u64> {
+        let mut by = BTreeMap::new();
+        for (op, s) in &self.ops {
+            for (outcome, n) in s.outcomes.iter().filter(|(k, _)| !k.starts_with('2')) {
+                *by.entry(format!("{} {outcome}", op.name())).or_insert(0) += n;
+            }
+        }
+        by
+    }
+
     /// All ops together.
     pub fn overall(&self) -> OpStats {
         let mut all = OpStats::default();
@@ -228,6 +240,10 @@ mod tests {
         let all = r.overall();
         assert_eq!(all.count(), 102);
         assert_eq!(all.errors(), 1);
+        assert_eq!(
+            r.errors_by_op().into_iter().collect::<Vec<_>>(),
+            vec![("create error: timeout".to_owned(), 1)]
+        );
         let w = &r.ops[&Op::Wallet];
         assert!(
             (w.latency_ms(0.5) - 50.0).abs() < 0.1,

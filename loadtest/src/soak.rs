@@ -51,6 +51,8 @@ struct Window {
     max_ms: f64,
     answered: u64,
     errors: u64,
+    /// The errors by op and outcome ("create 402"), so a window's errors have a cause.
+    errors_by_op: std::collections::BTreeMap<String, u64>,
     cpu_cores: Option<f64>,
     rss_bytes: Option<u64>,
     /// The load generator's own CPU (it shares the machine: a saturated generator
@@ -158,6 +160,7 @@ pub(crate) async fn soak(r: Ready, a: SoakArgs) -> Result<(), String> {
             max_ms: all.latency_ms(1.0),
             answered: all.count(),
             errors: all.errors(),
+            errors_by_op: s.rec.errors_by_op(),
             cpu_cores: cost.cpu_cores,
             rss_bytes: cost.rss_bytes,
             gen_cores: match (gen0, gen1) {
@@ -186,6 +189,14 @@ pub(crate) async fn soak(r: Ready, a: SoakArgs) -> Result<(), String> {
             opt(w.fsync_ms_mean, 2),
             opt(w.fsync_ms_max, 1),
         );
+        if !w.errors_by_op.is_empty() {
+            let each: Vec<String> = w
+                .errors_by_op
+                .iter()
+                .map(|(k, n)| format!("{k} ×{n}"))
+                .collect();
+            println!("{:>8} errors: {}", "", each.join(", "));
+        }
         windows.push(w);
     }
     // The verdict, over the windows after the first (warm-up).
@@ -225,7 +236,7 @@ pub(crate) async fn soak(r: Ready, a: SoakArgs) -> Result<(), String> {
                 json!({
                     "end_s": w.end_s, "achieved": w.achieved, "p50_ms": w.p50_ms,
                     "p99_ms": w.p99_ms, "svc_p99_ms": w.svc_p99_ms, "p999_ms": w.p999_ms, "max_ms": w.max_ms,
-                    "answered": w.answered, "errors": w.errors,
+                    "answered": w.answered, "errors": w.errors, "errors_by_op": w.errors_by_op,
                     "cpu_cores": w.cpu_cores, "rss_bytes": w.rss_bytes,
                     "gen_cores": w.gen_cores, "threads": w.threads,
                     "fsync_ms_mean": w.fsync_ms_mean, "fsync_ms_max": w.fsync_ms_max,

@@ -8,7 +8,8 @@
 few seconds to see between snapshots, whose temporaries lift RSS for a while) appends one
 JSON line:
 /proc status (RSS split into anonymous and file pages, high-water mark, threads, anonymous
-transparent huge pages), threads
+transparent huge pages), resident anonymous memory by kind (allocator arenas, thread
+stacks, the C heap: `anon_by_kind`), threads
 counted by name (runtime pools growing show here), every file of the data directory over
 1 MiB (the on-disk indexes grow by doubling), and the /metrics gauges (index page caches,
 batches in memory, idempotency keys, the live heap). Read-only: it sends only GET /metrics.
@@ -36,6 +37,42 @@ def status(p):
         if line.startswith('AnonHugePages:'):
             d['AnonHugePages'] = int(line.split()[1])
     return d
+
+ARENA_BYTES_MIN = 32 << 20
+
+
+def anon_by_kind(p):
+    """Resident anonymous memory (KiB) by what holds it, from /proc/PID/smaps: `stack`
+    (a read-write mapping right after a no-access guard page: how pthread lays out a
+    thread's stack), `arena` (mappings of 32 MiB or more: the allocator reserves its
+    arenas that large), `brk` (the C heap), `other`. Tells whether memory that is not live
+    heap sits in the allocator or in thread stacks touched ever deeper."""
+    kinds = collections.Counter()
+    kind, prev_guard = None, False
+    for line in open(f'/proc/{p}/smaps'):
+        head = line.split()
+        if '-' in head[0] and len(head) >= 5 and ':' not in head[0]:
+            lo, hi = (int(x, 16) for x in head[0].split('-'))
+            perms, path = head[1], (head[5] if len(head) > 5 else '')
+            size = hi - lo
+            if path == '[heap]':
+                kind = 'brk'
+            elif path:
+                kind = None  # file-backed, [stack] of the main thread, vdso …
+            elif perms.startswith('---'):
+                kind, prev_guard = None, True
+                continue
+            elif prev_guard and size < ARENA_BYTES_MIN:
+                kind = 'stack'
+            elif size >= ARENA_BYTES_MIN:
+                kind = 'arena'
+            else:
+                kind = 'other'
+            prev_guard = False
+        elif head[0] == 'Rss:' and kind:
+            kinds[kind] += int(head[1])
+    return dict(kinds)
+
 
 def threads(p):
     c = collections.Counter(); cpu = collections.Counter()
@@ -91,7 +128,8 @@ def record(path, interval_s=60):
         p = pid()
         if p:
             try:
-                s = {'t': round(time.time() - t0), 'pid': p, 'status': status(p), 'threads': threads(p)}
+                s = {'t': round(time.time() - t0), 'pid': p, 'status': status(p), 'threads': threads(p),
+                     'anon_kib': anon_by_kind(p)}
                 if walked_at is None or time.time() - walked_at >= WALK_S:
                     sizes, walked_at = datadir(p), time.time()
                 s['files_total'] = sum(sizes.values())
@@ -111,6 +149,11 @@ INDEXES = ('archive/index.redb', 'archive/ops.redb')
 QUIET = ('reelbatch', 'wal-writer', 'wal-completer', 'store-syncfs', 'actix-system', 'engine-snapshot')
 
 
+def kinds(s):
+    k = s.get('anon_kib', {})
+    return ' '.join(f"{n}={k.get(n, 0) / 1024:.1f}" for n in ('arena', 'stack', 'brk', 'other'))
+
+
 def show(path):
     """One line per sample: memory (resident, live heap), caches, response index (runs, memory), batches in memory, index file sizes, pools."""
     for line in open(path):
@@ -123,7 +166,7 @@ def show(path):
         redb = '/'.join(str(s['files_big'].get(k, 0) >> 20) for k in INDEXES)
         pools = ' '.join(f"{k}={v[0]}" for k, v in s['threads'].items() if k not in QUIET)
         print(f"{s['t'] // 60:3d}m{s['t'] % 60:02d}s rss={st['VmRSS'] / 1024:6.1f} anon={st['RssAnon'] / 1024:6.1f} "
-              f"hwm={st['VmHWM'] / 1024:6.1f} thp={st.get('AnonHugePages', 0) / 1024:5.1f} heap={m.get('reelbatch_heap_live_bytes', 0) / 2**20:6.1f} "
+              f"hwm={st['VmHWM'] / 1024:6.1f} {kinds(s)} thp={st.get('AnonHugePages', 0) / 1024:5.1f} heap={m.get('reelbatch_heap_live_bytes', 0) / 2**20:6.1f} "
               f"cache={cache / 2**20:5.1f} runs={int(m.get('reelbatch_response_index_runs', 0))} "
               f"rix={m.get('reelbatch_response_index_memory_bytes', 0) / 2**20:4.1f} "
               f"usage={int(m.get('reelbatch_usage_buckets', 0))} "
