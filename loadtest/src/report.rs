@@ -46,11 +46,12 @@ impl OpStats {
 
     /// Requests that did not get a 2xx.
     pub fn errors(&self) -> u64 {
-        self.outcomes
-            .iter()
-            .filter(|(k, _)| !k.starts_with('2'))
-            .map(|(_, v)| v)
-            .sum()
+        self.error_outcomes().map(|(_, v)| v).sum()
+    }
+
+    /// The outcomes that are errors (not a 2xx), with their counts.
+    fn error_outcomes(&self) -> impl Iterator<Item = (&String, &u64)> {
+        self.outcomes.iter().filter(|(k, _)| !k.starts_with('2'))
     }
 
     fn record(&mut self, latency_us: u64, service_us: u64, outcome: &str) {
@@ -123,7 +124,7 @@ impl Recorder {
     pub fn errors_by_op(&self) -> BTreeMap<String, u64> {
         let mut by = BTreeMap::new();
         for (op, s) in &self.ops {
-            for (outcome, n) in s.outcomes.iter().filter(|(k, _)| !k.starts_with('2')) {
+            for (outcome, n) in s.error_outcomes() {
                 *by.entry(format!("{} {outcome}", op.name())).or_insert(0) += n;
             }
         }
