@@ -3,9 +3,14 @@
 //! Map of the crate (grows issue by issue; ARCHITECTURE.md has the bird's-eye view):
 //!
 //! - `main.rs`         the `reelbatch` command line (clap): parses, dispatches, sets exit codes
+//! - `config.rs`       the configuration: embedded defaults, file, `REELBATCH_` environment
+//! - `api/`            the HTTP facade (axum): routes, auth and rate limits (`gate.rs`,
+//!   `ratelimit.rs`), problem+json, metrics, per-key usage, the OpenAPI document
 //! - `cli/offline.rs`  offline tools on a stopped server's data directory: `wal verify`,
-//!   `wal dump`
+//!   `wal dump`, `reconcile`, `ledger verify`, `ledger export`
 //! - `cli/demo.rs`     `reelbatch demo`: the pilot end to end against an in-process server
+//! - `cli/submit.rs`, `client.rs`, `progress.rs`: `reelbatch submit` against a running
+//!   server, its HTTP client and its progress display
 //! - `engine/`         actors over the WAL: boot, recovery, snapshots, the actor directory
 //!   - `engine/wallet/` the only code that moves credits: state (decide/apply), ledger
 //!     hash chain, the per-tenant actor
@@ -13,7 +18,8 @@
 //!   - `engine/scheduler.rs` fair permits across tenants, provider and tenant limits
 //!   - `engine/events.rs`, `journal.rs`, `snapshot.rs`: records, their encoding, images
 //! - `providers/`      the provider trait; simulated (default), Replicate, fal; GIF media
-//! - `delivery/`       the video store (`object_store`)
+//! - `delivery/`       the video store (`object_store`), signed download links, the
+//!   download access log
 //! - `webhooks/`       endpoints, the outbox derived from the log, signing, SSRF guard,
 //!   the delivery loop
 //! - `heap.rs`         the global allocator, wrapped to count live heap bytes (metrics);

@@ -12,10 +12,11 @@
 //! ```
 //!
 //! Lifecycle: a segment is referenced by the response index (`response_index`) from the
-//! transaction that indexes its records. It is deleted one snapshot after its last record
-//! expired or was stored again later. A segment the index does not name (written by a
-//! snapshot that crashed before indexing it) is deleted at open: the log still holds its
-//! records. A lost index is rebuilt from the segments present.
+//! run that indexes its records. It is deleted one snapshot after its last record
+//! expired or was stored again later. A segment no run covers (written by a snapshot that
+//! crashed before indexing it) is indexed from its file at open
+//! (`idempotency::ResponseStore::attach`). A lost index is rebuilt from the segments
+//! present.
 //!
 //! This module only reads and writes files; `idempotency.rs` decides what goes where.
 

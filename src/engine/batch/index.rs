@@ -287,7 +287,7 @@ impl Db {
 }
 
 /// Opens (or creates) a derived-index database with a page cache of `cache_bytes`; the
-/// folder must exist. Shared with the stored-response index. The inner error is a file
+/// folder must exist (the archive index and the operation index). The inner error is a file
 /// that cannot be used (the caller rebuilds it); the outer one a file another open engine
 /// holds, which must never be rebuilt under it.
 pub(crate) fn open_db(
