@@ -290,10 +290,7 @@ impl Db {
 /// folder must exist (the archive index and the operation index). The inner error is a file
 /// that cannot be used (the caller rebuilds it); the outer one a file another open engine
 /// holds, which must never be rebuilt under it.
-pub(crate) fn open_db(
-    path: &Path,
-    cache_bytes: usize,
-) -> Result<Result<Database, String>, ArchiveError> {
+fn open_db(path: &Path, cache_bytes: usize) -> Result<Result<Database, String>, ArchiveError> {
     match Database::builder().set_cache_size(cache_bytes).create(path) {
         Ok(db) => Ok(Ok(db)),
         Err(e @ redb::DatabaseError::DatabaseAlreadyOpen) => Err(ArchiveError::Index {
@@ -305,7 +302,7 @@ pub(crate) fn open_db(
 }
 
 /// Deletes a derived-index database (to rebuild it), syncing its folder.
-pub(crate) fn remove_db(path: &Path) -> Result<(), ArchiveError> {
+fn remove_db(path: &Path) -> Result<(), ArchiveError> {
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
